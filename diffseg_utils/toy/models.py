@@ -1,0 +1,84 @@
+"""Architectures of the tiny Stable Diffusion (VAE, UNet, text encoder, scheduler).
+
+The components are the very diffusers / transformers classes SD 1.x uses, scaled down for
+64x64 images: an AutoencoderKL with f = 4 (64x64x3 -> 16x16x4 latents) and a
+UNet2DConditionModel at 16/8/4 latent resolution with cross-attention at 16 and 8.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ToySDConfig:
+    # VAE: f = 2 ** (len(vae_channels) - 1) = 4. GroupNorm with ONE group: per-group
+    # normalisation (SD's 32 groups) erases the flat background colours of the toy world and
+    # stalled training at ~14 dB in short runs; one group (layer-norm-like) trains fast.
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 1
+    latent_channels: int = 4
+    image_size: int = 64
+    # UNet on 16x16 latents: levels 16, 8, 4; cross-attention at 16 and 8 (like SD's 64/32/16)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+    unet_norm_groups: int = 16
+    # text encoder: a 2-layer CLIP text transformer over the locally built tokenizer
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MICRO = ToySDConfig(vae_channels=(8, 8, 8), unet_channels=(8, 16, 16), unet_heads=2, unet_norm_groups=8,
+                    text_hidden=16, text_layers=1, text_heads=2)
+"""A micro configuration for smoke tests (seconds on CPU)."""
+
+
+def build_vae(cfg: ToySDConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vae_channels,
+        layers_per_block=cfg.vae_layers_per_block, latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.vae_norm_groups, sample_size=cfg.image_size, mid_block_add_attention=False,
+    )
+
+
+def build_unet(cfg: ToySDConfig):
+    from diffusers import UNet2DConditionModel
+
+    f = 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size // f, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,
+        norm_num_groups=cfg.unet_norm_groups,
+    )
+
+
+def build_text_encoder(cfg: ToySDConfig, vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tc = CLIPTextConfig(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                        max_position_embeddings=cfg.max_tokens, projection_dim=cfg.text_hidden,
+                        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    return CLIPTextModel(tc)
+
+
+def build_scheduler():
+    """SD 1.x's noise schedule (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                         steps_offset=1)

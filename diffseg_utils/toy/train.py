@@ -1,0 +1,252 @@
+"""Train the tiny Stable Diffusion on the toy world, on CPU, resumably.
+
+    python -m diffseg_utils.toy.train --out data/toy-sd                    # all stages
+    python -m diffseg_utils.toy.train --out data/toy-sd --stage unet       # resume one stage
+
+Stages (each checkpoints to ``--work`` and resumes where it stopped):
+
+1. ``vae``:     AutoencoderKL on rendered images (MSE + 0.1 L1 + tiny KL).
+2. ``latents``: encode ``--num-latents`` generator images once (posterior mean and std) and
+                set the VAE's ``scaling_factor`` so scaled latents have unit variance.
+3. ``unet``:    UNet2DConditionModel + CLIP text encoder on the cached latents: epsilon loss
+                with Min-SNR-5 weighting, 10% prompt dropout (classifier-free guidance),
+                random object order in captions, EMA weights.
+4. ``decoder``: optional extra decoder-only VAE training (the encoder, hence the latent
+                space the UNet learned, stays fixed).
+5. ``export``:  write a diffusers ``StableDiffusionPipeline`` directory with the EMA weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .models import MICRO, ToySDConfig, build_scheduler, build_text_encoder, build_unet, build_vae
+from .tokenizer import build_tokenizer
+from .world import CATEGORIES, caption_for, render
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def vae_psnr(vae, n: int = 64) -> float:
+    """Mean reconstruction PSNR (dB, images in [0, 1]) on held-out ``vae_test`` images."""
+    x = _to_tensor(render("vae_test", 0, n).images)
+    with torch.no_grad():
+        r = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    mse = (((r - x) / 2) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def _save(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never corrupts the checkpoint
+
+
+def train_vae(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, decoder_only: bool = False,
+              log_every: int = 250) -> None:
+    """Train (or resume) the VAE; ``decoder_only`` freezes the encoder (latent space stays fixed)."""
+    ck = work / ("vae_dec.pt" if decoder_only else "vae.pt")
+    vae = build_vae(cfg)
+    start = 0
+    if decoder_only:
+        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    params = [p for n, p in vae.named_parameters() if not decoder_only or n.startswith(("decoder", "post_quant"))]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+    torch.manual_seed(1234 + start)
+    sched = lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    bar = tqdm(range(start, steps), desc="vae-decoder" if decoder_only else "vae", initial=start, total=steps)
+    offset = 10_000_000 if decoder_only else 0
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * sched(step)
+        x = _to_tensor(render("generator", offset + step * batch, batch).images)
+        if decoder_only:
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample()
+            kl = torch.zeros(())
+        else:
+            post = vae.encode(x).latent_dist
+            z, kl = post.sample(), post.kl().mean()
+        rec = vae.decode(z).sample
+        loss = ((rec - x) ** 2).mean() + 0.1 * (rec - x).abs().mean() + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            psnr = vae_psnr(vae)
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
+            _log(work, {"stage": "vae_dec" if decoder_only else "vae", "step": step + 1, "psnr": psnr})
+            _save(ck, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+
+
+def _log(work: Path, rec: dict) -> None:
+    rec["time"] = time.time()
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def cache_latents(work: Path, cfg: ToySDConfig, n: int, chunk: int = 256) -> None:
+    """Encode n generator images once; store posterior mean/std (fp16) and object classes."""
+    out = work / "latents.pt"
+    if out.exists() and torch.load(out, weights_only=False)["mean"].shape[0] >= n:
+        return
+    vae = build_vae(cfg)
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    vae.eval()
+    means, stds, classes = [], [], np.zeros((n, 3), np.int64)
+    for s in tqdm(range(0, n, chunk), desc="encode latents"):
+        b = render("generator", s, min(chunk, n - s))
+        with torch.no_grad():
+            d = vae.encode(_to_tensor(b.images)).latent_dist
+        means.append(d.mean.half())
+        stds.append(d.std.half())
+        for i, c in enumerate(b.classes):
+            classes[s + i, : len(c)] = c
+    mean = torch.cat(means)
+    scaling = float(1.0 / mean.float().std())
+    _save(out, mean=mean, std=torch.cat(stds), classes=torch.from_numpy(classes), scaling=scaling)
+
+
+def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) -> list[str]:
+    caps = []
+    for row in classes.tolist():
+        names = [CATEGORIES[c - 1] for c in row if c > 0]
+        rng.shuffle(names)
+        caps.append("" if rng.uniform() < p_drop else caption_for(names))
+    return caps
+
+
+def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, ema_decay: float = 0.999,
+               p_drop: float = 0.1, snr_gamma: float = 5.0, log_every: int = 200) -> None:
+    """Train (or resume) the UNet and text encoder on cached latents."""
+    data = torch.load(work / "latents.pt", weights_only=False)
+    tok = build_tokenizer(work / "tokenizer", model_max_length=cfg.max_tokens)
+    unet = build_unet(cfg)
+    text = build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+    sched = build_scheduler()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = {"unet": copy.deepcopy(unet.state_dict()), "text": copy.deepcopy(text.state_dict())}
+    ck = work / "unet.pt"
+    start = 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        unet.load_state_dict(st["unet"])
+        text.load_state_dict(st["text"])
+        opt.load_state_dict(st["opt"])
+        ema, start = st["ema"], st["step"]
+    g = torch.Generator().manual_seed(4321 + start)
+    rng = np.random.default_rng(4321 + start)
+    abar = sched.alphas_cumprod
+    snr = abar / (1 - abar)
+    weight = torch.clamp(snr, max=snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
+    n = data["mean"].shape[0]
+    bar = tqdm(range(start, steps), desc="unet", initial=start, total=steps)
+    run_loss = None
+    for step in bar:
+        for gr in opt.param_groups:
+            gr["lr"] = lr * min(1.0, (step + 1) / 200)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        z0 = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(batch, *data["mean"].shape[1:],
+                                                                                 generator=g)) * data["scaling"]
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        zt = sched.add_noise(z0, eps, t)
+        ids = tok(_captions(data["classes"][idx], rng, p_drop), padding="max_length", max_length=cfg.max_tokens,
+                  truncation=True, return_tensors="pt").input_ids
+        pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = (weight[t] * ((pred - eps) ** 2).mean((1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for key, model in (("unet", unet), ("text", text)):
+                for k, v in model.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[key][k].mul_(d).add_(v.detach(), alpha=1 - d)
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{run_loss:.4f}")
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            _log(work, {"stage": "unet", "step": step + 1, "loss": run_loss})
+            _save(ck, unet=unet.state_dict(), text=text.state_dict(), opt=opt.state_dict(), ema=ema, step=step + 1)
+            if (step + 1) % (log_every * 10) == 0:
+                _save(work / f"unet_{step + 1}.pt", ema=ema, step=step + 1)
+
+
+def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = None) -> None:
+    """Write the StableDiffusionPipeline directory (EMA weights; decoder-finetuned VAE if present)."""
+    from diffusers import StableDiffusionPipeline
+
+    tok = build_tokenizer(work / "tokenizer", model_max_length=cfg.max_tokens)
+    vae = build_vae(cfg)
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    if (work / "vae_dec.pt").exists():
+        vae.load_state_dict(torch.load(work / "vae_dec.pt", weights_only=False)["model"])
+    vae.register_to_config(scaling_factor=torch.load(work / "latents.pt", weights_only=False)["scaling"])
+    unet, text = build_unet(cfg), build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+    st = torch.load(unet_ckpt or work / "unet.pt", weights_only=False)
+    unet.load_state_dict(st["ema"]["unet"])
+    text.load_state_dict(st["ema"]["text"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=build_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / "training_state.json").write_text(json.dumps({"unet_step": st["step"], "config": cfg.to_dict()}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("data/toy-sd"), help="pipeline directory to write")
+    p.add_argument("--work", type=Path, default=Path("~/.cache/diffseg/toy-train").expanduser(),
+                   help="checkpoints and cached latents (kept out of git)")
+    p.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "decoder", "export"])
+    p.add_argument("--config", default="default", choices=["default", "micro"])
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--decoder-steps", type=int, default=0)
+    p.add_argument("--num-latents", type=int, default=60_000)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    cfg = MICRO if a.config == "micro" else ToySDConfig()
+    a.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.process_time()
+    if a.stage in ("all", "vae"):
+        train_vae(a.work, cfg, a.vae_steps, a.vae_batch, a.vae_lr)
+    if a.stage in ("all", "latents"):
+        cache_latents(a.work, cfg, a.num_latents)
+    if a.stage in ("all", "unet"):
+        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr)
+    if a.stage in ("all", "decoder") and a.decoder_steps:
+        train_vae(a.work, cfg, a.decoder_steps, a.vae_batch, a.vae_lr / 2, decoder_only=True)
+    if a.stage in ("all", "export"):
+        export(a.work, a.out, cfg)
+    print(f"done; CPU time of this run: {time.process_time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""pyproject.toml and environment.yml must name the same dependencies (and the README its commands)."""
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_matches_pyproject():
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r): r.replace(" ", "") for r in proj["dependencies"]}
+    for extra in proj["optional-dependencies"].values():
+        wanted.update({_name(r): r.replace(" ", "") for r in extra})
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    got = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
+    assert "-e ." in pip, "environment.yml must install the package from the checkout"
+    assert got == wanted, f"only in pyproject: {set(wanted.items()) - set(got.items())}; " \
+                          f"only in environment.yml: {set(got.items()) - set(wanted.items())}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    m = re.search(r"pip install [^\n]*&& (python -m pytest[^\n`]*)", readme)
+    assert m, "README must show the test command"
+    assert m.group(1).strip() in ci
