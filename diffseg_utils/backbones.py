@@ -294,7 +294,10 @@ def _read_index(source: str, local_only: bool) -> tuple[dict | None, str]:
     p = Path(source)
     if p.is_dir():
         idx = p / "model_index.json"
-        return (json.loads(idx.read_text()) if idx.exists() else None), str(p)
+        try:
+            return (json.loads(idx.read_text()) if idx.exists() else None), str(p)
+        except json.JSONDecodeError:
+            raise _missing(source, f"corrupt {idx}") from None
     if p.exists() or source.startswith((".", "/")) or (os.sep in source and source.count("/") > 1):
         raise _missing(source, "no such directory")
     from huggingface_hub import hf_hub_download

@@ -20,7 +20,8 @@ class ToySDConfig:
     latent_channels: int = 4
     image_size: int = 64
     # UNet on 16x16 latents: levels 16, 8, 4; cross-attention at 16 and 8 (like SD's 64/32/16)
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    # (32, 64, 64): ~1.5M params, ~1 s per batch of 64 on 2 CPU cores; (64, 128, 128) is 1.8x slower
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_layers_per_block: int = 1
     unet_heads: int = 4
     unet_norm_groups: int = 16

@@ -100,13 +100,23 @@ def _log(work: Path, rec: dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def cache_latents(work: Path, cfg: ToySDConfig, n: int, chunk: int = 256) -> None:
-    """Encode n generator images once; store posterior mean/std (fp16) and object classes."""
+def cache_latents(work: Path, cfg: ToySDConfig, n: int, chunk: int = 256, exported: Path | None = None) -> None:
+    """Encode n generator images once; store posterior mean/std (fp16) and object classes.
+
+    Uses ``work/vae.pt``, or the exported pipeline's VAE (same encoder) when that is gone.
+    """
     out = work / "latents.pt"
     if out.exists() and torch.load(out, weights_only=False)["mean"].shape[0] >= n:
         return
     vae = build_vae(cfg)
-    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    if (work / "vae.pt").exists():
+        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    elif exported is not None and (exported / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        vae.load_state_dict(AutoencoderKL.from_pretrained(exported, subfolder="vae").state_dict())
+    else:
+        raise FileNotFoundError(f"no VAE checkpoint in {work} and no exported VAE; run the 'vae' stage first")
     vae.eval()
     means, stds, classes = [], [], np.zeros((n, 3), np.int64)
     for s in tqdm(range(0, n, chunk), desc="encode latents"):
@@ -132,8 +142,12 @@ def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) ->
 
 
 def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, ema_decay: float = 0.999,
-               p_drop: float = 0.1, snr_gamma: float = 5.0, log_every: int = 200) -> None:
-    """Train (or resume) the UNet and text encoder on cached latents."""
+               p_drop: float = 0.1, snr_gamma: float = 5.0, log_every: int = 200, init_from: Path | None = None) -> None:
+    """Train (or resume) the UNet and text encoder on cached latents.
+
+    Resumes from ``work/unet.pt``; without it, from an exported pipeline ``init_from`` (its EMA
+    weights, a fresh optimiser) so training can continue on a machine that lost the checkpoints.
+    """
     data = torch.load(work / "latents.pt", weights_only=False)
     tok = build_tokenizer(work / "tokenizer", model_max_length=cfg.max_tokens)
     unet = build_unet(cfg)
@@ -150,6 +164,15 @@ def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, 
         text.load_state_dict(st["text"])
         opt.load_state_dict(st["opt"])
         ema, start = st["ema"], st["step"]
+    elif init_from is not None and (init_from / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from, subfolder="unet").state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(init_from, subfolder="text_encoder").state_dict())
+        ema = {"unet": copy.deepcopy(unet.state_dict()), "text": copy.deepcopy(text.state_dict())}
+        start = json.loads((init_from / "training_state.json").read_text())["unet_step"]
+        print(f"continuing from the exported weights in {init_from} (step {start})")
     g = torch.Generator().manual_seed(4321 + start)
     rng = np.random.default_rng(4321 + start)
     abar = sched.alphas_cumprod
@@ -238,9 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("all", "vae"):
         train_vae(a.work, cfg, a.vae_steps, a.vae_batch, a.vae_lr)
     if a.stage in ("all", "latents"):
-        cache_latents(a.work, cfg, a.num_latents)
+        cache_latents(a.work, cfg, a.num_latents, exported=a.out)
     if a.stage in ("all", "unet"):
-        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr)
+        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr, init_from=a.out)
     if a.stage in ("all", "decoder") and a.decoder_steps:
         train_vae(a.work, cfg, a.decoder_steps, a.vae_batch, a.vae_lr / 2, decoder_only=True)
     if a.stage in ("all", "export"):
