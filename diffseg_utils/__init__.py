@@ -8,10 +8,10 @@ Public surface (see each module for details):
 * :func:`adm_blocks` — DDPM-Seg's ADM ``output_blocks`` indices as diffusers module paths.
 """
 from .backbones import (Backbone, BlockInfo, WeightsNotAvailableError, adm_blocks, adm_output_block,
-                        load_backbone)
+                        load_backbone, untrained_like)
 from .inputs import prepare_images
 from .registry import list_backbones
 
 __all__ = ["Backbone", "BlockInfo", "WeightsNotAvailableError", "adm_blocks", "adm_output_block",
-           "load_backbone", "list_backbones", "prepare_images"]
+           "load_backbone", "list_backbones", "prepare_images", "untrained_like"]
 __version__ = "0.1.0"

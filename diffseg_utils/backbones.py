@@ -367,3 +367,15 @@ def _has_subfolder(root: str, sub: str, kw: dict) -> bool:
         except Exception:
             pass
     return False
+
+
+def untrained_like(backbone: Backbone, seed: int = 0) -> Backbone:
+    """The same backbone with a randomly initialised UNet (same config), for 'is it the training?' baselines.
+
+    VAE, text encoder and scheduler are shared with ``backbone``; only the UNet is re-initialised.
+    """
+    torch.manual_seed(seed)
+    unet = type(backbone.unet).from_config(backbone.unet.config)
+    return Backbone(unet=unet, scheduler=backbone.scheduler, vae=backbone.vae, text_encoder=backbone.text_encoder,
+                    tokenizer=backbone.tokenizer, name=f"{backbone.name} (untrained UNet)", device=backbone.device,
+                    dtype=backbone.dtype)
