@@ -42,6 +42,7 @@ class EnsembleConfig:
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
     seed: int = 0                           # member e uses seed + e
+    max_steps: int | None = None            # cap on batches in all (smoke tests, benchmarks); None = no cap
     ignore_index: int = 255
 
     def widths(self) -> tuple[int, int]:
@@ -103,8 +104,12 @@ class PixelEnsemble:
         return torch.baddbmm(self.biases[2], h, self.weights[2])
 
     # ------------------------------------------------------------------ training
-    def fit(self, features: FeatureMaps, labels, progress: bool = True) -> "PixelEnsemble":
-        """Train every member on all labelled pixels of ``labels`` ``(N, H, W)`` (ignore_index skipped)."""
+    def fit(self, features: FeatureMaps, labels, progress: bool = True, max_pixels: int | None = None) -> "PixelEnsemble":
+        """Train every member on the labelled pixels of ``labels`` ``(N, H, W)`` (ignore_index skipped).
+
+        DDPM-Seg uses all pixels (the default); ``max_pixels`` trains on a fixed random subset of
+        that many (seeded) for quick runs.
+        """
         cfg = self.cfg
         labels = torch.as_tensor(np.asarray(labels)).long()
         if labels.ndim != 3 or labels.shape[0] != features.num_images or tuple(labels.shape[1:]) != features.image_size:
@@ -118,6 +123,9 @@ class PixelEnsemble:
             raise ValueError(f"labels {torch.unique(labels[bad]).tolist()[:5]} are outside 0..{cfg.num_classes - 1}; "
                              f"set num_classes or map them to ignore_index={cfg.ignore_index}")
         flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
+        if max_pixels is not None and flat.numel() > max_pixels:
+            keep = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(cfg.seed))[:max_pixels]
+            flat = flat[keep.sort().values]
         if flat.numel() < cfg.batch_size:
             raise ValueError(f"only {flat.numel()} labelled pixels; need at least one batch ({cfg.batch_size})")
         n, (H, W) = flat.numel(), features.image_size
@@ -137,7 +145,7 @@ class PixelEnsemble:
         for epoch in range(cfg.max_epochs):
             orders = torch.stack([member_order(n, cfg.seed + e, epoch) for e in range(E)]).to(self.device)
             for s in range(steps_per_epoch):
-                if not active.any():
+                if not active.any() or (cfg.max_steps is not None and bar.n >= cfg.max_steps):
                     break
                 idx = orders[:, s * B:(s + 1) * B]                      # (E, b) positions in flat
                 pix = flat.to(self.device)[idx.reshape(-1)]
@@ -158,7 +166,7 @@ class PixelEnsemble:
                         active = active & (strikes <= cfg.patience)
                 bar.update(1)
             self.history.append({"epoch": epoch, "active": int(active.sum()), "best_loss": best.tolist()})
-            if not active.any():
+            if not active.any() or (cfg.max_steps is not None and bar.n >= cfg.max_steps):
                 break
         bar.close()
         for p in params:
