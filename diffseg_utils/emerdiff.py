@@ -42,7 +42,7 @@ class EmerDiffResult:
     diffs: torch.Tensor
     layer: str
     unet_evals_per_image: float
-    min_unet_evals_per_image: int
+    min_unet_evals_per_image: float
     seconds_per_image: float
     images_plus: torch.Tensor | None = None    # (N, K, 3, H, W) in [-1, 1]
     images_minus: torch.Tensor | None = None
@@ -236,6 +236,7 @@ def emerdiff_segment(
     h, w = by_path[m_layer].resolution
     low_all, pix_all, diff_all, plus_all, minus_all = [], [], [], [], []
     evals = 0.0
+    min_evals = 0
     t0 = time.perf_counter()
     for i in tqdm(range(n), desc="emerdiff", disable=not progress, leave=False):
         z0 = backbone.encode(x[i:i + 1])
@@ -265,6 +266,7 @@ def emerdiff_segment(
                                           suffix, up_index, attention_injection, layer_is_4d))
             evals += 1 + r.shape[0] * len(ts)
         evals += 1  # the t_f pass
+        min_evals += 2 + 2 * len(ids) * len(ts)  # t_f pass, unmodulated reference, 2K runs
         imgs = backbone.decode(torch.cat(finals)).float()                              # (2K, 3, H, W)
         plus, minus = imgs[0::2], imgs[1::2]
         # 3. pixel assignment
@@ -285,7 +287,7 @@ def emerdiff_segment(
     secs = (time.perf_counter() - t0) / n
     return EmerDiffResult(
         low_res=torch.stack(low_all), pixels=torch.stack(pix_all), diffs=torch.stack(diff_all), layer=m_layer,
-        unet_evals_per_image=evals / n, min_unet_evals_per_image=2 + 2 * num_segments * len(ts),
+        unet_evals_per_image=evals / n, min_unet_evals_per_image=min_evals / n,
         seconds_per_image=secs, images_plus=torch.stack(plus_all) if return_images else None,
         images_minus=torch.stack(minus_all) if return_images else None,
         extra={"timesteps": ts, "query_layer": q_layer})
