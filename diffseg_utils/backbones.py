@@ -79,10 +79,9 @@ class Backbone:
         self.name = name
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.unet = unet.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False) if vae is not None else None
-        self.text_encoder = (text_encoder.to(self.device, self.dtype).eval().requires_grad_(False)
-                             if text_encoder is not None else None)
+        self.unet = self._place(unet)
+        self.vae = self._place(vae) if vae is not None else None
+        self.text_encoder = self._place(text_encoder) if text_encoder is not None else None
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.kind = "latent" if vae is not None else "pixel"
@@ -93,6 +92,15 @@ class Backbone:
         self.latent_channels = int(unet.config.in_channels)
         self._blocks: dict[str, BlockInfo] | None = None
         self._empty_cache: dict[int, torch.Tensor] = {}
+
+    def _place(self, module: nn.Module) -> nn.Module:
+        """Move to the backbone's device and dtype (only what differs), frozen, in eval mode."""
+        p = next(module.parameters())
+        if p.device != self.device:
+            module = module.to(self.device)
+        if p.dtype != self.dtype:
+            module = module.to(dtype=self.dtype)
+        return module.eval().requires_grad_(False)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters())

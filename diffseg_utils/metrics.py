@@ -67,7 +67,7 @@ def hungarian_miou(pred, gt, ignore_index: int | None = 255) -> float:
     Unmatched ground-truth classes score 0 (they count in the mean); unmatched predicted
     segments count as wrong pixels through the unions.
     """
-    pred, gt = np.asarray(pred), np.asarray(gt)
+    pred, gt = np.asarray(pred).astype(np.int64), np.asarray(gt).astype(np.int64)
     mapping = hungarian_match(pred, gt, ignore_index)
     remapped = np.full_like(gt, -1)
     for p, g in mapping.items():

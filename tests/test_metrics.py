@@ -15,7 +15,7 @@ def test_mean_iou_accumulates_over_the_set_and_ignores():
 
 
 def test_hungarian_on_hand_made_cases():
-    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2]])
+    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2]], np.uint8)  # uint8, as label maps are stored
     perm = np.array([[7, 7, 3, 3], [7, 7, 3, 3]])  # the same segmentation, other ids
     assert hungarian_match(perm, gt) == {7: 1, 3: 2}
     assert hungarian_miou(perm, gt) == pytest.approx(1.0)
