@@ -37,12 +37,3 @@ def sd_tiny(sd_tiny_dir):
 def ddpm_tiny(ddpm_tiny_dir):
     return load_backbone(str(ddpm_tiny_dir), device="cpu")
 
-
-def hf_cached(repo_id: str) -> bool:
-    """True when a hub repo has a snapshot in the local HF cache (for real_weights tests)."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
-    except Exception:
-        return False

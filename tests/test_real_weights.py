@@ -7,7 +7,16 @@ import torch
 
 from diffseg_utils import adm_blocks, load_backbone
 
-from .conftest import hf_cached
+
+
+def hf_cached(repo_id: str) -> bool:
+    """True when a hub repo has a snapshot in the local HF cache."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+    except Exception:
+        return False
 
 SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DDPM = "google/ddpm-ema-bedroom-256"
