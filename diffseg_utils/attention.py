@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .backbones import Backbone
 
@@ -115,6 +114,3 @@ def low_res_query_layer(backbone: Backbone) -> AttentionLayer:
     lowest = min(a.resolution[0] * a.resolution[1] for a in cross)
     return next(a for a in cross if a.resolution[0] * a.resolution[1] == lowest)
 
-
-def layer_module(unet: nn.Module, path: str) -> nn.Module:
-    return unet.get_submodule(path)

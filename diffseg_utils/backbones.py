@@ -91,7 +91,7 @@ class Backbone:
         self.resolution = self.latent_resolution * self.vae_scale_factor
         self.latent_channels = int(unet.config.in_channels)
         self._blocks: dict[str, BlockInfo] | None = None
-        self._empty_cache: dict[int, torch.Tensor] = {}
+        self._empty: torch.Tensor | None = None
 
     def _place(self, module: nn.Module) -> nn.Module:
         """Move to the backbone's device and dtype (only what differs), frozen, in eval mode."""
@@ -162,9 +162,9 @@ class Backbone:
         """The empty-prompt embedding repeated n times (cached), None for pixel models."""
         if self.text_encoder is None:
             return None
-        if 1 not in self._empty_cache:
-            self._empty_cache[1] = self.encode_prompt([""])
-        return self._empty_cache[1].expand(n, -1, -1)
+        if self._empty is None:
+            self._empty = self.encode_prompt([""])
+        return self._empty.expand(n, -1, -1)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """Forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (scheduler's own schedule)."""

@@ -91,9 +91,9 @@ class FeatureMaps:
             if (h, w) not in cache:
                 cache[(h, w)] = _bilinear_taps(y, x, H, W, h, w)
             y0, y1, x0, x1, wy, wx = cache[(h, w)]
-            mf = m  # gather in storage dtype, blend in float32
-            v00, v01 = mf[img, :, y0, x0].float(), mf[img, :, y0, x1].float()
-            v10, v11 = mf[img, :, y1, x0].float(), mf[img, :, y1, x1].float()
+            # gather in the storage dtype, blend in float32
+            v00, v01 = m[img, :, y0, x0].float(), m[img, :, y0, x1].float()
+            v10, v11 = m[img, :, y1, x0].float(), m[img, :, y1, x1].float()
             top = v00 + (v01 - v00) * wx
             bot = v10 + (v11 - v10) * wx
             out[:, col:col + c] = (top + (bot - top) * wy).to(dtype)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..metrics import confusion_matrix, iou_per_class
 from .world import CATEGORIES, NUM_CLASSES, render
 
 
@@ -108,27 +109,14 @@ class OracleSegmenter:
         return SegmenterOutput(masks=masks, scores=score, class_names=self.class_names)
 
 
-def confusion(pred: torch.Tensor, gt: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Confusion matrix (gt x pred) of integer label maps."""
-    idx = gt.reshape(-1).long() * num_classes + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def miou_from_confusion(cm: torch.Tensor) -> float:
-    inter = cm.diag().float()
-    union = cm.sum(0).float() + cm.sum(1).float() - inter
-    valid = union > 0
-    return float((inter[valid] / union[valid]).mean())
-
-
 def evaluate(seg: OracleSegmenter, n: int = 500, split: str = "oracle_test", chunk: int = 250) -> float:
     """mIoU (background included) on ``n`` held-out procedural images."""
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for s in range(0, n, chunk):
         b = render(split, s, min(chunk, n - s))
         x = torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        cm += confusion(seg.predict_labels(x).cpu(), torch.from_numpy(b.labels), NUM_CLASSES)
-    return miou_from_confusion(cm)
+        cm += confusion_matrix(seg.predict_labels(x).cpu(), torch.from_numpy(b.labels), NUM_CLASSES, ignore_index=None)
+    return float(np.nanmean(iou_per_class(cm).numpy()))
 
 
 def train(out: Path, steps: int = 3000, batch: int = 32, lr: float = 2e-3, width: int = 24, seed: int = 0,
