@@ -78,3 +78,9 @@ def hungarian_miou(pred, gt, ignore_index: int | None = 255) -> float:
         a, b = remapped[keep] == g, gt[keep] == g
         ious.append((a & b).sum() / max((a | b).sum(), 1))
     return float(np.mean(ious))
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Mean per-image PSNR in dB of (N, C, H, W) images in [-1, 1] (measured on the [0, 1] scale)."""
+    mse = (((reconstruction.float() - reference.float()) / 2) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())

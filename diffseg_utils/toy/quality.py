@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..backbones import Backbone
+from ..metrics import psnr
 from ..sampling import generate
 from .world import CATEGORIES, caption_for, render
 
@@ -17,9 +18,7 @@ def reconstruction_psnr(backbone: Backbone, n: int = 64, split: str = "vae_test"
     """Mean PSNR (dB, images in [0, 1]) of VAE encode -> decode on held-out toy images."""
     b = render(split, 0, n)
     x = backbone.preprocess(b.images)
-    r = backbone.decode(backbone.encode(x)).clamp(-1, 1)
-    mse = (((r.float() - x.float()) / 2) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
+    return psnr(x, backbone.decode(backbone.encode(x)).clamp(-1, 1))
 
 
 def fidelity_prompts(n: int, seed: int = 0, max_objects: int = 2) -> tuple[list[str], list[list[int]]]:

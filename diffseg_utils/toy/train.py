@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..metrics import psnr
 from .models import MICRO, ToySDConfig, build_scheduler, build_text_encoder, build_unet, build_vae
 from .tokenizer import build_tokenizer
 from .world import CATEGORIES, caption_for, render
@@ -42,8 +43,7 @@ def vae_psnr(vae, n: int = 64) -> float:
     x = _to_tensor(render("vae_test", 0, n).images)
     with torch.no_grad():
         r = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    mse = (((r - x) / 2) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
+    return psnr(x, r)
 
 
 def _save(path: Path, **state) -> None:

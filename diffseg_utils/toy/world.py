@@ -39,6 +39,8 @@ SPLITS: dict[str, int] = {
     "fewshot_test": 4,    # held-out images for few-shot segmentation / probes
     "vae_test": 5,        # held-out images for the VAE reconstruction check
     "eval": 6,            # images for training-free methods (EmerDiff) and misc. evaluation
+    "grounding_gt": 7,    # ground-truth images of seen categories (grounding protocol II reference)
+    "grounding_test": 8,  # held-out images of all categories (grounding protocol II test set)
 }
 """Named splits and their seed stream ids; ``(split, index)`` fixes an image."""
 
