@@ -37,3 +37,40 @@ def sd_tiny(sd_tiny_dir):
 def ddpm_tiny(ddpm_tiny_dir):
     return load_backbone(str(ddpm_tiny_dir), device="cpu")
 
+
+
+# ---------------------------------------------------------------- full-size layouts (random weights)
+@pytest.fixture(scope="session")
+def sd15_full():
+    """The full-size SD 1.5 UNet topology (860M parameters, random weights) with a tiny VAE and a
+    768-d text encoder on our own tokenizer: the channel and resolution layout users will load."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
+    from diffseg_utils.toy.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(tempfile.mkdtemp(), model_max_length=77)
+    text_cfg = dict(sd15_text_config(tiny=True, vocab_size=len(tok)), hidden_size=768, projection_dim=768,
+                    max_position_embeddings=77, num_attention_heads=12)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return Backbone(unet=UNet2DConditionModel(**sd15_unet_config()), vae=AutoencoderKL(**sd15_vae_config(tiny=True)),
+                    text_encoder=text, tokenizer=tok, scheduler=sched, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ddpm256_full():
+    """The google DDPM-256 (bedroom/cat/church) UNet2DModel topology with random weights."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.topologies import ddpm256_unet_config, ddpm_scheduler_config
+
+    torch.manual_seed(0)
+    return Backbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
+                    device="cpu")

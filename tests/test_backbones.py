@@ -74,27 +74,12 @@ def test_adm_mapping_tiny(ddpm_tiny):
 
 
 @pytest.mark.slow
-def test_adm_mapping_full_size_ddpm_gives_ddpmseg_dims(tmp_path):
+def test_adm_mapping_full_size_ddpm_gives_ddpmseg_dims(ddpm256_full):
     """DDPM-Seg's blocks {5,6,7,8,12} on the google DDPM-256 topology give 1408 ch per t (4224 for 3 t)."""
-    from diffusers import UNet2DModel
-
-    from diffseg_utils.backbones import Backbone
-    from diffseg_utils.topologies import ddpm256_unet_config, ddpm_scheduler_config
-    from diffusers import DDPMScheduler
-
-    with torch.device("meta"):
-        unet = UNet2DModel(**ddpm256_unet_config())
-    names = adm_blocks(unet, [5, 6, 7, 8, 12])
-    chans = [unet.get_submodule(n).out_channels if hasattr(unet.get_submodule(n), "out_channels")
-             else unet.get_submodule(n).channels for n in names]
-    assert sum(chans) * 3 == 4224
-    del unet
-    # resolutions from a real dry run at 256 (random weights)
-    unet = UNet2DModel(**ddpm256_unet_config())
-    bb = Backbone(unet=unet, scheduler=DDPMScheduler(**ddpm_scheduler_config()), device="cpu")
-    b = bb.blocks()
+    names = adm_blocks(ddpm256_full.unet, [5, 6, 7, 8, 12])
+    b = ddpm256_full.blocks()  # resolutions and channels from a real dry run at 256
     assert [b[n].resolution[0] for n in names] == [32, 32, 32, 64, 128]
-    assert sum(b[n].channels for n in names) == 1408
+    assert sum(b[n].channels for n in names) * 3 == 4224
 
 
 def test_registry_and_offline_errors(tmp_path, monkeypatch):

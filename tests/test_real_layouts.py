@@ -1,31 +1,17 @@
-"""The shape logic on the full-size layouts users load (random weights built from the real configs).
+"""Every method on the full-size layouts users load (random weights built from the real configs).
 
-Slow-ish (the SD 1.5 UNet has 860M parameters): one image, one timestep each.
+Slow-ish (the SD 1.5 UNet has 860M parameters): one image and tiny budgets each; the fixtures
+``sd15_full`` and ``ddpm256_full`` live in conftest.py and are built once per session.
 """
+import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffseg_utils.backbones import Backbone
+from diffseg_utils.backbones import adm_blocks
+from diffseg_utils.ddpmseg import FewShotSegmenter
+from diffseg_utils.emerdiff import emerdiff_segment
 from diffseg_utils.features import extract_features
-from diffseg_utils.topologies import (ddpm256_unet_config, ddpm_scheduler_config, sd15_text_config, sd15_unet_config,
-                                      sd15_vae_config)
-
-
-@pytest.fixture(scope="module")
-def sd15_full():
-    from diffseg_utils.toy.tokenizer import build_tokenizer
-    import tempfile
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(tempfile.mkdtemp(), model_max_length=77)
-    text_cfg = dict(sd15_text_config(tiny=True, vocab_size=len(tok)), hidden_size=768, projection_dim=768,
-                    max_position_embeddings=77, num_attention_heads=12)
-    text = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    return Backbone(unet=UNet2DConditionModel(**sd15_unet_config()), vae=AutoencoderKL(**sd15_vae_config(tiny=True)),
-                    text_encoder=text, tokenizer=tok, scheduler=sched, device="cpu")
+from diffseg_utils.pixel_classifier import EnsembleConfig
 
 
 @pytest.mark.slow
@@ -45,11 +31,44 @@ def test_sd15_layout_features(sd15_full):
 
 
 @pytest.mark.slow
-def test_ddpm256_layout_features():
-    torch.manual_seed(0)
-    bb = Backbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
-                  device="cpu")
+def test_ddpm256_layout_features(ddpm256_full):
+    bb = ddpm256_full
     fm = extract_features(bb, torch.rand(1, 3, 256, 256), [5, 6, 7, 8, 12], [50], progress=False)
     assert fm.channels == 1408  # x 3 timesteps = DDPM-Seg's 4224 dims
     f = fm.sample(torch.zeros(10, dtype=torch.long), torch.arange(10) * 25, torch.arange(10) * 25)
     assert f.shape == (10, 1408) and torch.isfinite(f).all()
+
+
+@pytest.mark.slow
+def test_ddpm256_ensemble_fits_on_paper_blocks(ddpm256_full):
+    """DDPM-Seg's 4224-dim path (blocks 5,6,7,8,12 x t 50,150,250) trains and predicts (tiny budget)."""
+    bb = ddpm256_full
+    assert adm_blocks(bb.unet, [5, 6, 7, 8, 12])[-1].startswith("up_blocks")
+    cfg = EnsembleConfig(num_classes=3, num_members=2, max_steps=3)
+    seg = FewShotSegmenter(bb, [5, 6, 7, 8, 12], [50, 150, 250], 3, config=cfg, batch_size=1)
+    img = torch.rand(1, 3, 256, 256)
+    labels = np.zeros((1, 256, 256), np.int64)
+    labels[:, 100:200, 50:150], labels[:, :40] = 1, 2
+    fm = seg.features(img)
+    assert fm.channels == 4224
+    seg.fit(None, labels, features=fm, max_pixels=512, progress=False)
+    out = seg.predict(features=fm)
+    assert out.labels.shape == (1, 256, 256) and out.uncertainty.shape == (1, 256, 256)
+
+
+@pytest.mark.slow
+def test_sd15_emerdiff_runs_at_512(sd15_full):
+    """EmerDiff on SD 1.5's layout: the 16x16 cross-attention level is found, K = 2, two denoising steps."""
+    res = emerdiff_segment(sd15_full, torch.rand(1, 3, 512, 512), 2, num_inference_steps=500, t_m=2,
+                           chunk_size=4, progress=False)
+    assert res.layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert res.low_res.shape == (1, 16, 16) and res.pixels.shape == (1, 512, 512)
+    assert len(res.extra["timesteps"]) == 2
+
+
+@pytest.mark.slow
+def test_ddpm256_emerdiff_uses_self_attention(ddpm256_full):
+    res = emerdiff_segment(ddpm256_full, torch.rand(1, 3, 256, 256), 2, num_inference_steps=500, t_m=2,
+                           chunk_size=4, progress=False)
+    assert res.layer.endswith("attentions.0") or ".attentions." in res.layer
+    assert res.pixels.shape == (1, 256, 256)

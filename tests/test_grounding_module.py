@@ -1,0 +1,133 @@
+"""The grounding module: sizes from real layouts, shapes, gradients, input checks, loss, text queries, persistence."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffseg_utils import load_backbone
+from diffseg_utils.grounding.features import feature_channels, generate_with_features
+from diffseg_utils.grounding.module import (GroundingConfig, GroundingModule, bce_loss, class_embeddings,
+                                            default_proj_channels)
+from diffseg_utils.text import token_span
+
+SMALL = GroundingConfig(d_model=32, heads=4, layers=1, ff=64)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_backbone("toy", device="cpu")
+
+
+def random_features(channels: dict[int, int], n: int = 1, seed: int = 0, dtype=torch.float16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {r: torch.randn(n, c, r, r, generator=g).to(dtype) for r, c in channels.items()}
+
+
+def test_default_proj_channels(toy):
+    assert default_proj_channels(4) == (16, 32, 64, 128)
+    sd_like = GroundingModule({8: 6, 16: 5, 32: 4, 64: 3}, text_dim=768, image_size=512)  # SD 1.5's groups
+    assert sd_like.config.proj_channels == (16, 32, 64, 128) and sd_like.embed_dim == 240
+    gm = GroundingModule.for_backbone(toy)
+    assert gm.channels == feature_channels(toy) and gm.resolutions == [4, 8, 16]
+    assert gm.config.proj_channels == (16, 32, 64) and gm.embed_dim == 112
+    assert gm.text_dim == 64 and gm.image_size == 64 and gm.grid == 4  # 16 image tokens
+
+
+def test_forward_backward_on_toy(toy):
+    torch.manual_seed(0)
+    batch = generate_with_features(toy, ["a photograph of a star", "a photograph of a ring and a circle"], num_steps=2)
+    q = class_embeddings(toy, ["star", "ring", "circle"])
+    assert q.shape == (3, 64) and q.dtype == torch.float32
+    queries = q[None].expand(2, -1, -1)
+    gm = GroundingModule.for_backbone(toy)                        # paper-size config
+    logits = gm(batch.features, queries)                          # features arrive in fp16
+    assert logits.shape == (2, 3, 64, 64) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert gm(batch.features, queries, out_size=16).shape == (2, 3, 16, 16)
+    masks = gm.predict(batch.features, queries)
+    assert masks.dtype == torch.bool and masks.shape == (2, 3, 64, 64) and gm.training
+    target = torch.rand(2, 3, 64, 64) > 0.5
+    bce_loss(logits, target, torch.tensor([[True, False, False], [False, True, True]])).backward()
+    for name, p in gm.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.slow
+def test_sd15_layout(sd15_full):
+    bb = sd15_full  # conftest: full-size SD 1.5 UNet, random weights; only its dry run is executed
+    gm = GroundingModule.for_backbone(bb)
+    assert gm.resolutions == [8, 16, 32, 64] and gm.embed_dim == 240 and gm.image_size == 512
+    # guidance doubles the block channels: 8: down2+down3+mid, 16: down1+up0, 32: down0+up1, 64: up2+up3
+    assert gm.channels == {8: 2 * 3840, 16: 2 * 1920, 32: 2 * 1600, 64: 2 * 960}
+    assert GroundingModule.for_backbone(bb, guidance=False).channels == {8: 3840, 16: 1920, 32: 1600, 64: 960}
+    logits = gm(random_features(gm.channels), torch.randn(1, 2, 768))
+    assert logits.shape == (1, 2, 512, 512)
+    bce_loss(logits, torch.rand(1, 2, 512, 512) > 0.5).backward()
+    assert all(p.grad is not None for p in gm.parameters())
+
+
+def test_clear_errors():
+    ch = {4: 6, 8: 5, 16: 3}
+    gm = GroundingModule(ch, text_dim=8, image_size=32, config=SMALL)
+    f, q = random_features(ch, n=2), torch.randn(2, 1, 8)
+    with pytest.raises(ValueError, match=r"features\[8\] has shape \(2, 7, 8, 8\), expected \(N, 5, 8, 8\)"):
+        gm({**f, 8: torch.randn(2, 7, 8, 8)}, q)
+    with pytest.raises(ValueError, match=r"missing \[4\], extra \[\]"):
+        gm({8: f[8], 16: f[16]}, q)
+    with pytest.raises(ValueError, match=r"missing \[\], extra \[32\]"):
+        gm({**f, 32: torch.randn(2, 1, 32, 32)}, q)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        gm({**f, 16: f[16][:1]}, q)
+    with pytest.raises(ValueError, match="queries are for 1 images but features for 2"):
+        gm(f, q[:1])
+    with pytest.raises(ValueError, match=r"queries must be \(N, Q, 8\); got \(2, 1, 9\)"):
+        gm(f, torch.randn(2, 1, 9))
+    with pytest.raises(ValueError, match=r"patch=3 does not tile .* 16x16; use one of \[1, 2, 4, 8, 16\]"):
+        GroundingModule(ch, 8, 32, GroundingConfig(patch=3))
+    with pytest.raises(ValueError, match="proj_channels has 2 entries"):
+        GroundingModule(ch, 8, 32, GroundingConfig(proj_channels=(8, 8)))
+
+
+def test_bce_loss_ignores_invalid_pairs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    target = torch.rand(2, 3, 16, 16, generator=g) > 0.5          # resized (nearest) to 8x8
+    valid = torch.tensor([[True, False, True], [False, False, True]])
+    small = F.interpolate(target.float(), size=(8, 8), mode="nearest")
+    ref = torch.stack([F.binary_cross_entropy_with_logits(logits[i, j], small[i, j])
+                       for i in range(2) for j in range(3) if valid[i, j]]).mean()
+    loss = bce_loss(logits, target, valid)
+    torch.testing.assert_close(loss, ref)
+    flipped = target.clone()
+    flipped[~valid] = ~flipped[~valid]
+    assert bce_loss(logits, flipped, valid) == loss
+    loss.backward()
+    assert (logits.grad[~valid] == 0).all() and (logits.grad[valid] != 0).any()
+    none = bce_loss(logits, target, torch.zeros(2, 3, dtype=torch.bool))
+    assert none.item() == 0.0 and none.grad_fn is not None
+    none.backward()
+
+
+def test_class_embeddings_match_hand_encoding(toy):
+    names = ["star", "hexagon", "crescent"]
+    q = class_embeddings(toy, names, template="a photograph of a {}")
+    tok, enc = toy.tokenizer, toy.text_encoder
+    for i, name in enumerate(names):
+        prompt = f"a photograph of a {name}"
+        ids = tok(prompt, return_tensors="pt").input_ids          # unpadded: one prompt on its own
+        with torch.no_grad():
+            hidden = enc(ids)[0][0]
+        ref = hidden[token_span(tok, prompt, name)].mean(0)
+        torch.testing.assert_close(q[i], ref.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(q[0], q[1])
+
+
+def test_save_load_round_trip(tmp_path):
+    ch = {4: 6, 8: 5, 16: 3}
+    cfg = GroundingConfig(d_model=32, heads=4, layers=2, ff=64, patch=8, threshold=0.3)
+    gm = GroundingModule(ch, text_dim=8, image_size=32, config=cfg)
+    f, q = random_features(ch, n=2), torch.randn(2, 3, 8)
+    gm(f, q)                                                       # train mode: BN running stats move
+    gm.eval()
+    gm.save(tmp_path / "g.pt")
+    back = GroundingModule.load(tmp_path / "g.pt").eval()
+    assert back.config == gm.config and back.channels == ch and back.image_size == 32
+    assert torch.equal(back(f, q), gm(f, q)) and torch.equal(back.predict(f, q), gm.predict(f, q))
