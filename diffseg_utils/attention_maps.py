@@ -214,8 +214,9 @@ class CrossAttentionMaps:
         """Word heat maps ``(N, W, H, W_img)`` in [0, 1] (min-max per map); W words per prompt.
 
         prompts:          the prompts the maps were generated with, in batch order.
-        words_per_prompt: for each prompt its W words (the same W for all); each word must occur
-                          in its prompt (``ValueError`` from :func:`token_span` otherwise).
+        words_per_prompt: for each prompt its words; each must occur in its prompt (``ValueError``
+                          from :func:`token_span` otherwise). W is the longest list; maps of the
+                          missing words of shorter lists are all zero.
         image_size:       output side or (H, W); default the backbone's image resolution.
         """
         maps = self.maps
@@ -226,14 +227,14 @@ class CrossAttentionMaps:
         if len(prompts) != maps.shape[0] or len(words) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts and {len(words)} word lists for {maps.shape[0]} "
                              "generated images; pass one prompt and one word list per image, in batch order")
-        counts = {len(w) for w in words}
-        if len(counts) != 1 or 0 in counts:
-            raise ValueError(f"every prompt needs the same, non-zero number of words; got {[len(w) for w in words]} "
-                             "(call heatmaps separately for groups with different counts)")
+        if any(len(w) == 0 for w in words):
+            raise ValueError(f"every prompt needs at least one word; got counts {[len(w) for w in words]}")
         tok = self.backbone.tokenizer
-        per_word = torch.stack([
-            torch.stack([maps[i, token_span(tok, p, w)].mean(0) for w in ws])
-            for i, (p, ws) in enumerate(zip(prompts, words))])              # (N, W, R, R)
+        width = max(len(w) for w in words)
+        per_word = maps.new_zeros(len(words), width, *maps.shape[-2:])          # (N, W, R, R)
+        for i, (p, ws) in enumerate(zip(prompts, words)):
+            for j, w in enumerate(ws):
+                per_word[i, j] = maps[i, token_span(tok, p, w)].mean(0)
         size = image_size or self.backbone.resolution
         size = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(per_word.shape[-2:]) != size:

@@ -138,8 +138,12 @@ def test_heatmaps_masks_and_errors(sd_tiny):
         cam.heatmaps(PROMPTS, [["star"], ["circle"]])
     with pytest.raises(ValueError, match="one prompt"):
         cam.heatmaps(PROMPTS[:1], WORDS[:1])
-    with pytest.raises(ValueError, match="same"):
-        cam.heatmaps(PROMPTS, [["star", "ring"], ["heart"]])
+    # ragged word lists: a shorter list's missing maps are zero, present maps as if asked alone
+    ragged = cam.heatmaps(PROMPTS, [WORDS[0], WORDS[1][:1]])
+    assert ragged.shape == heat.shape and torch.equal(ragged[1, 1], torch.zeros_like(heat[1, 1]))
+    torch.testing.assert_close(ragged[:, 0], heat[:, 0])
+    with pytest.raises(ValueError, match="at least one word"):
+        cam.heatmaps(PROMPTS, [WORDS[0], []])
     cam.reset()
     with pytest.raises(RuntimeError, match="no cross-attention maps"):
         cam.maps
