@@ -34,6 +34,10 @@ class FeatureMaps:
     blocks: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        # channels-last storage (same shape and bytes): a pixel's C values are contiguous, so
+        # :meth:`sample` gathers whole rows instead of C strided reads
+        self.maps = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+                     for k, v in self.maps.items()}
         if not self.timesteps:
             self.timesteps = list(dict.fromkeys(t for t, _ in self.maps))
         if not self.blocks:
@@ -91,9 +95,11 @@ class FeatureMaps:
             if (h, w) not in cache:
                 cache[(h, w)] = _bilinear_taps(y, x, H, W, h, w)
             y0, y1, x0, x1, wy, wx = cache[(h, w)]
-            # gather in the storage dtype, blend in float32
-            v00, v01 = m[img, :, y0, x0].float(), m[img, :, y0, x1].float()
-            v10, v11 = m[img, :, y1, x0].float(), m[img, :, y1, x1].float()
+            # gather whole channel rows in the storage dtype (a view when channels-last), blend in float32
+            rows = m.permute(0, 2, 3, 1).reshape(-1, c)
+            r0, r1 = (img * h + y0) * w, (img * h + y1) * w
+            v00, v01 = rows.index_select(0, r0 + x0).float(), rows.index_select(0, r0 + x1).float()
+            v10, v11 = rows.index_select(0, r1 + x0).float(), rows.index_select(0, r1 + x1).float()
             top = v00 + (v01 - v00) * wx
             bot = v10 + (v11 - v10) * wx
             out[:, col:col + c] = (top + (bot - top) * wy).to(dtype)

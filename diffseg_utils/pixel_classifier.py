@@ -82,8 +82,7 @@ class PixelEnsemble:
 
     def _bn(self, h: torch.Tensor, i: int, train: bool, active: torch.Tensor | None) -> torch.Tensor:
         if train:
-            mean = h.mean(1, keepdim=True)
-            var = h.var(1, unbiased=False, keepdim=True)
+            var, mean = torch.var_mean(h, 1, unbiased=False, keepdim=True)
             with torch.no_grad():  # running statistics, only for members still training
                 n = h.shape[1]
                 m = self.cfg.bn_momentum * active.view(-1, 1, 1).float()
@@ -142,13 +141,14 @@ class PixelEnsemble:
         best = torch.full((E,), float("inf"), device=self.device)
         strikes = torch.zeros(E, dtype=torch.long, device=self.device)
         bar = tqdm(total=cfg.max_epochs * steps_per_epoch, desc="ensemble", disable=not progress, leave=False)
+        flat_dev = flat.to(self.device)
         for epoch in range(cfg.max_epochs):
             orders = torch.stack([member_order(n, cfg.seed + e, epoch) for e in range(E)]).to(self.device)
             for s in range(steps_per_epoch):
                 if not active.any() or (cfg.max_steps is not None and bar.n >= cfg.max_steps):
                     break
                 idx = orders[:, s * B:(s + 1) * B]                      # (E, b) positions in flat
-                pix = flat.to(self.device)[idx.reshape(-1)]
+                pix = flat_dev[idx.reshape(-1)]
                 x = features.sample(pix // (H * W), (pix // W) % H, pix % W).reshape(E, idx.shape[1], -1)
                 y = y_all[idx]
                 out = self.logits(x, train=True, active=active)
@@ -177,6 +177,18 @@ class PixelEnsemble:
     def _adam(self, params, grads, ms, vs, step, active, b1=0.9, b2=0.999, eps=1e-8):
         """torch.optim.Adam's update, per member; members that stopped are left untouched."""
         lr = self.cfg.lr
+        if bool(active.all()) and bool((step == step[0]).all()):
+            # common case: every member trains, same step count -> scalar bias corrections, foreach ops
+            t = float(step[0])
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            torch._foreach_lerp_(ms, grads, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, bc2 ** 0.5)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, ms, denom, -lr / bc1)
+            return
         a = active.view(-1, 1, 1)
         bc1 = (1 - b1 ** step).view(-1, 1, 1).clamp_min(1e-12)
         bc2 = (1 - b2 ** step).view(-1, 1, 1).clamp_min(1e-12)
