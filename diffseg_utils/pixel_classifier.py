@@ -141,11 +141,12 @@ class PixelEnsemble:
         best = torch.full((E,), float("inf"), device=self.device)
         strikes = torch.zeros(E, dtype=torch.long, device=self.device)
         bar = tqdm(total=cfg.max_epochs * steps_per_epoch, desc="ensemble", disable=not progress, leave=False)
+        done = 0  # batches so far (a disabled tqdm does not count, so never read bar.n)
         flat_dev = flat.to(self.device)
         for epoch in range(cfg.max_epochs):
             orders = torch.stack([member_order(n, cfg.seed + e, epoch) for e in range(E)]).to(self.device)
             for s in range(steps_per_epoch):
-                if not active.any() or (cfg.max_steps is not None and bar.n >= cfg.max_steps):
+                if not active.any() or (cfg.max_steps is not None and done >= cfg.max_steps):
                     break
                 idx = orders[:, s * B:(s + 1) * B]                      # (E, b) positions in flat
                 pix = flat_dev[idx.reshape(-1)]
@@ -165,8 +166,9 @@ class PixelEnsemble:
                         strikes = torch.where(active & better, torch.zeros_like(strikes), strikes + active.long())
                         active = active & (strikes <= cfg.patience)
                 bar.update(1)
+                done += 1
             self.history.append({"epoch": epoch, "active": int(active.sum()), "best_loss": best.tolist()})
-            if not active.any() or (cfg.max_steps is not None and bar.n >= cfg.max_steps):
+            if not active.any() or (cfg.max_steps is not None and done >= cfg.max_steps):
                 break
         bar.close()
         for p in params:

@@ -79,6 +79,14 @@ def test_early_stopping_rule():
     assert ens.history[-1]["active"] == 0 and len(ens.history) < 50
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_max_steps_caps_training_with_or_without_progress_bar(progress):
+    fm, labels = _toy_features()  # 192 pixels = 12 batches of 16 per epoch
+    cfg = EnsembleConfig(num_classes=3, num_members=2, batch_size=16, max_epochs=50, min_epochs=60, max_steps=5)
+    ens = PixelEnsemble(cfg, fm.channels).fit(fm, labels, progress=progress)
+    assert len(ens.history) == 1  # stopped inside the first epoch, after 5 batches
+
+
 def test_vote_and_uncertainty_on_hand_made_logits():
     big = 20.0
     logits = torch.full((3, 4, 3), -big)
