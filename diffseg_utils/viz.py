@@ -14,7 +14,10 @@ def _ax(ax, figsize=(3, 3)):
 
 
 def to_uint8(img) -> np.ndarray:
-    """(3, H, W) tensor in [-1, 1] / (H, W, 3) array -> (H, W, 3) uint8 for imshow."""
+    """(3, H, W) tensor in [-1, 1] or uint8 / (H, W, 3) array -> (H, W, 3) uint8 for imshow."""
+    if isinstance(img, torch.Tensor) and img.dtype == torch.uint8:
+        img = img.detach().cpu()
+        return (img.permute(1, 2, 0) if img.ndim == 3 and img.shape[0] in (1, 3) else img).numpy()
     if isinstance(img, torch.Tensor):
         img = img.detach().float().cpu()
         if img.ndim == 3 and img.shape[0] in (1, 3):
