@@ -154,13 +154,12 @@ def _modulated_runs(backbone: Backbone, z_tm: torch.Tensor, masks: torch.Tensor,
     with AttentionProcessors(backbone.unet, procs):
         with _BroadcastUpBlocks(backbone.unet, up_index, R + 1):
             eps = backbone.unet_forward(z_tm, timesteps[0], cond)[1:]          # (R, ...) at t_m
-        for p in procs.values():
-            p.enabled = False
-        x = _ddim_step(sched, eps, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, z_tm.expand(R, -1, -1, -1))
-        cond_r = backbone.empty_prompt(R)
-        for i, t in enumerate(timesteps[1:], start=1):
-            eps = backbone.unet_forward(x, t, cond_r)
-            x = _ddim_step(sched, eps, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
+    # after t_m the runs are plain denoising: the backbone's own (fused) attention processors again
+    x = _ddim_step(sched, eps, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, z_tm.expand(R, -1, -1, -1))
+    cond_r = backbone.empty_prompt(R)
+    for i, t in enumerate(timesteps[1:], start=1):
+        eps = backbone.unet_forward(x, t, cond_r)
+        x = _ddim_step(sched, eps, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
     return x
 
 

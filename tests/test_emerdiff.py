@@ -35,12 +35,14 @@ def test_level_selection(sd_tiny, ddpm_tiny):
 @pytest.mark.parametrize("which", ["sd_tiny", "ddpm_tiny"])
 def test_batched_equals_reference_loop_and_lambda_zero(which, request):
     bb = request.getfixturevalue(which)
-    img = torch.rand(1, 3, bb.resolution, bb.resolution)
+    img = torch.rand(1, 3, bb.resolution, bb.resolution, generator=torch.Generator().manual_seed(1))
     kw = dict(num_segments=3, num_inference_steps=8, return_images=True, progress=False)
     big = emerdiff_segment(bb, img, chunk_size=16, **kw)
     small = emerdiff_segment(bb, img, chunk_size=1, **kw)
     torch.testing.assert_close(big.images_plus, small.images_plus, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(big.pixels, small.pixels)
+    torch.testing.assert_close(big.diffs, small.diffs, atol=1e-4, rtol=1e-4)
+    # argmax over near-equal difference maps may flip a tie-pixel between batch sizes (float rounding)
+    assert (big.pixels == small.pixels).float().mean() > 0.999
     # the straightforward reference: full UNet on [unmodulated, modulated], no shared prefix
     x = bb.preprocess(img)
     z0 = bb.encode(x)

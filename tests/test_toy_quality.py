@@ -1,0 +1,107 @@
+"""End-to-end quality on the shipped toy model: each method against the baseline a broken version would lose to.
+
+Small fixed samples (a few seconds each); the numbers behind the thresholds are in the notebooks
+and in data/toy-sd/README.md. Each margin is one that the broken variant named in the test
+fails (features from an untrained UNet, raw colours, no modulation, attention maps instead of
+the trained module).
+"""
+import numpy as np
+import pytest
+import torch
+
+from diffseg_utils import load_backbone, untrained_like
+from diffseg_utils.probes import probe_features, rgb_features
+from diffseg_utils.features import extract_features
+from diffseg_utils.toy import world
+
+BEST = ("up_blocks.1.attentions.0", 50)   # notebook 01's best (block, t) region on the shipped model
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_backbone("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fewshot():
+    return world.render("fewshot_train", 0, 12), world.render("fewshot_test", 0, 12)
+
+
+def _probe(bb, tr, te, block, t):
+    kw = dict(blocks=[block], timesteps=[t], progress=False)
+    ftr, fte = extract_features(bb, tr.images, **kw), extract_features(bb, te.images, **kw)
+    return probe_features(ftr, tr.labels, fte, te.labels, world.NUM_CLASSES)
+
+
+def test_diffusion_features_beat_rgb_and_untrained_features(toy, fewshot):
+    tr, te = fewshot
+    trained = _probe(toy, tr, te, *BEST)
+    untrained = _probe(untrained_like(toy), tr, te, *BEST)
+    x = lambda b: torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    rgb = probe_features(rgb_features(x(tr)), tr.labels, rgb_features(x(te)), te.labels, world.NUM_CLASSES)
+    print(f"ridge probe mIoU: trained {trained:.3f}, untrained {untrained:.3f}, rgb {rgb:.3f}")
+    assert trained >= rgb + MARGIN_RGB
+    assert trained >= untrained + MARGIN_UNTRAINED
+
+
+
+def test_ensemble_on_diffusion_features_beats_rgb_and_untrained(toy, fewshot):
+    """DDPM-Seg's ensemble (2 members, short budget) on the shipped blocks vs the same on RGB / a random UNet."""
+    from diffseg_utils.ddpmseg import FewShotSegmenter
+    from diffseg_utils.metrics import mean_iou
+    from diffseg_utils.pixel_classifier import EnsembleConfig, PixelEnsemble
+
+    tr, te = fewshot
+    cfg = EnsembleConfig(num_classes=world.NUM_CLASSES, num_members=2, max_steps=400)
+    scores = {}
+    for name, bb in (("trained", toy), ("untrained", untrained_like(toy))):
+        seg = FewShotSegmenter(bb, [BEST[0]], [BEST[1]], world.NUM_CLASSES, config=cfg)
+        seg.fit(tr.images, tr.labels, max_pixels=8000, progress=False)
+        scores[name] = mean_iou(seg.predict(te.images).labels.cpu(), te.labels, world.NUM_CLASSES)
+    x = lambda b: torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    ens = PixelEnsemble(cfg, 3).fit(rgb_features(x(tr)), tr.labels, progress=False, max_pixels=8000)
+    scores["rgb"] = mean_iou(ens.predict(rgb_features(x(te)))[0], te.labels, world.NUM_CLASSES)
+    print({k: round(float(v), 3) for k, v in scores.items()})
+    assert scores["trained"] >= scores["rgb"] + MARGIN_RGB
+    assert scores["trained"] >= scores["untrained"] + MARGIN_UNTRAINED
+
+
+def test_emerdiff_beats_bilinear_upsampling_of_its_own_segments(toy):
+    from diffseg_utils.emerdiff import emerdiff_segment, upsample_segments
+    from diffseg_utils.metrics import hungarian_miou
+
+    data = world.render("eval", 0, 8)
+    res = emerdiff_segment(toy, data.images, 6, seed=0, progress=False)
+    score = lambda pred: float(np.mean([hungarian_miou(p.cpu().numpy(), g) for p, g in zip(pred, data.labels)]))  # noqa: E731
+    ours, bilinear = score(res.pixels), score(upsample_segments(res.low_res, tuple(res.pixels.shape[1:]), "bilinear"))
+    print(f"Hungarian mIoU: EmerDiff {ours:.3f}, bilinear {bilinear:.3f}")
+    assert ours >= bilinear + MARGIN_EMERDIFF
+
+
+def test_grounding_module_beats_cross_attention_on_seen_classes(toy):
+    from diffseg_utils.grounding.module import GroundingModule
+    from diffseg_utils.grounding.protocols import evaluate_on_generations
+    from diffseg_utils.registry import DATA_DIR
+    from diffseg_utils.toy.oracle import OracleSegmenter
+
+    gm = GroundingModule.load(DATA_DIR / "grounding" / "grounding.pt")
+    res = evaluate_on_generations(toy, gm, OracleSegmenter.load(DATA_DIR / "oracle"), world.CATEGORIES,
+                                  world.SEEN_CATEGORIES, num_images=24, seed=10_000, num_steps=20, progress=False)
+    tab = res.table()
+    print(tab)
+    assert tab["grounding"]["seen"] >= tab["daam"]["seen"] + MARGIN_GROUNDING
+
+
+def test_shipped_grounding_module_matches_the_shipped_toy_model():
+    import json
+
+    from diffseg_utils.registry import DATA_DIR, TOY_SD_DIR
+
+    meta = json.loads((DATA_DIR / "grounding" / "grounding.json").read_text())
+    step = json.loads((TOY_SD_DIR / "training_state.json").read_text())["unet_step"]
+    assert meta["toy_sd_unet_step"] == step, "retrain data/grounding after changing data/toy-sd (see its README)"
+
+
+MARGIN_RGB, MARGIN_UNTRAINED = 0.05, 0.03
+MARGIN_EMERDIFF = 0.0
+MARGIN_GROUNDING = 0.03
