@@ -27,6 +27,10 @@ def fewshot():
     return world.render("fewshot_train", 0, 12), world.render("fewshot_test", 0, 12)
 
 
+def _rgb(batch) -> torch.Tensor:
+    return torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def _probe(bb, tr, te, block, t):
     kw = dict(blocks=[block], timesteps=[t], progress=False)
     ftr, fte = extract_features(bb, tr.images, **kw), extract_features(bb, te.images, **kw)
@@ -37,8 +41,7 @@ def test_diffusion_features_beat_rgb_and_untrained_features(toy, fewshot):
     tr, te = fewshot
     trained = _probe(toy, tr, te, *BEST)
     untrained = _probe(untrained_like(toy), tr, te, *BEST)
-    x = lambda b: torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-    rgb = probe_features(rgb_features(x(tr)), tr.labels, rgb_features(x(te)), te.labels, world.NUM_CLASSES)
+    rgb = probe_features(rgb_features(_rgb(tr)), tr.labels, rgb_features(_rgb(te)), te.labels, world.NUM_CLASSES)
     print(f"ridge probe mIoU: trained {trained:.3f}, untrained {untrained:.3f}, rgb {rgb:.3f}")
     assert trained >= rgb + MARGIN_RGB
     assert trained >= untrained + MARGIN_UNTRAINED
@@ -58,9 +61,8 @@ def test_ensemble_on_diffusion_features_beats_rgb_and_untrained(toy, fewshot):
         seg = FewShotSegmenter(bb, [BEST[0]], [BEST[1]], world.NUM_CLASSES, config=cfg)
         seg.fit(tr.images, tr.labels, max_pixels=8000, progress=False)
         scores[name] = mean_iou(seg.predict(te.images).labels.cpu(), te.labels, world.NUM_CLASSES)
-    x = lambda b: torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-    ens = PixelEnsemble(cfg, 3).fit(rgb_features(x(tr)), tr.labels, progress=False, max_pixels=8000)
-    scores["rgb"] = mean_iou(ens.predict(rgb_features(x(te)))[0], te.labels, world.NUM_CLASSES)
+    ens = PixelEnsemble(cfg, 3).fit(rgb_features(_rgb(tr)), tr.labels, progress=False, max_pixels=8000)
+    scores["rgb"] = mean_iou(ens.predict(rgb_features(_rgb(te)))[0], te.labels, world.NUM_CLASSES)
     print({k: round(float(v), 3) for k, v in scores.items()})
     assert scores["trained"] >= scores["rgb"] + MARGIN_RGB
     assert scores["trained"] >= scores["untrained"] + MARGIN_UNTRAINED

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ..attention_maps import CrossAttentionMaps
 from ..backbones import Backbone
-from ..metrics import confusion_matrix, iou_per_class
-from .data import MAX_CLASSES, sample_prompt, sample_seed
+from ..metrics import iou_per_class
+from .data import MAX_CLASSES, SegmenterLabeler, sample_prompt, sample_seed
 from .features import generate_with_features
 from .module import GroundingModule, class_embeddings
 
@@ -43,7 +43,7 @@ class ProtocolOneResult:
     seen: tuple[str, ...]
     iou: dict[str, dict[str, float]]          # method -> class -> IoU (nan: never found by the oracle)
     pairs: dict[str, int]                     # class -> number of (image, class) pairs scored
-    examples: dict = field(default_factory=dict, repr=False)  # images, prompts, names, masks per method
+    examples: dict = field(default_factory=dict, repr=False)  # images, prompts, names; per-word masks per method
 
     def miou(self, method: str, split: str) -> float:
         names = [c for c in self.class_names if (c in self.seen) == (split == "seen")]
@@ -57,13 +57,6 @@ class ProtocolOneResult:
             s, u = self.miou(m, "seen"), self.miou(m, "unseen")
             out[m] = {"seen": s, "unseen": u, "harmonic": harmonic(s, u)}
         return out
-
-
-@torch.no_grad()
-def ground(module: GroundingModule, features: dict[int, torch.Tensor], queries: torch.Tensor,
-           out_size: int | None = None) -> torch.Tensor:
-    """Mask logits (N, Q, H, W) of ``queries`` (N, Q, D) on cached or captured features."""
-    return module(features, queries, out_size=out_size)
 
 
 @torch.no_grad()
@@ -94,6 +87,7 @@ def evaluate_on_generations(
     class_names = tuple(class_names)
     template = module.config.template
     queries = class_embeddings(backbone, class_names, template)            # (C, D)
+    oracle = SegmenterLabeler(segmenter, min_score=min_score)              # top mask per prompted class
     inter = {m: np.zeros(len(class_names)) for m in ("grounding", "daam")}
     union = {m: np.zeros(len(class_names)) for m in ("grounding", "daam")}
     count = np.zeros(len(class_names), dtype=int)
@@ -106,18 +100,17 @@ def evaluate_on_generations(
             gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance=guidance,
                                          seed=[sample_seed(seed, i) for i in idx], feature_step=feature_step)
         size = gen.images.shape[-1]
-        found = segmenter(gen.images)
+        truth, valid = oracle(gen, names)                                                 # (n, M, H, W), (n, M)
         daam = cam.masks(prompts, names, threshold=daam_threshold, image_size=size)      # (n, W, H, W)
         width = max(len(n) for n in names)
         cid = torch.tensor([[class_names.index(c) for c in n] + [0] * (width - len(n)) for n in names])
-        logits = ground(module, gen.features, queries[cid], out_size=size)              # (n, W, H, W)
+        logits = module(gen.features, queries[cid], out_size=size)                       # (n, W, H, W)
         pred = {"grounding": logits > 0, "daam": daam}
         for j, n in enumerate(names):
             for w, c in enumerate(n):
-                k = list(found.class_names).index(c) if c in found.class_names else -1
-                if k < 0 or float(found.scores[j, k]) < min_score:
+                if not valid[j, w]:  # the oracle did not find it: not scored
                     continue
-                gt = found.masks[j, k].to(logits.device)
+                gt = truth[j, w].to(logits.device)
                 ci = class_names.index(c)
                 count[ci] += 1
                 for m in inter:
@@ -130,7 +123,7 @@ def evaluate_on_generations(
             ex["names"].extend(names)
             ex["grounding"].extend(pred["grounding"].cpu())
             ex["daam"].extend(daam.cpu())
-            ex["oracle"].extend(found.masks.cpu())
+            ex["oracle"].extend(truth.cpu())
     ex = {k: v[:keep_examples] for k, v in ex.items()}
     iou = {m: {c: (inter[m][i] / union[m][i] if count[i] else float("nan")) for i, c in enumerate(class_names)}
            for m in inter}
@@ -161,7 +154,7 @@ class GroundingLabeler:
             raise ValueError(f"classes {sorted(unknown)} have no text query; known: {list(self.class_names)}")
         cid = torch.tensor([[self.class_names.index(c) for c in n] + [0] * (m - len(n)) for n in names])
         valid = torch.tensor([[w < len(n) for w in range(m)] for n in names])
-        logits = ground(self.module, batch.features, self.queries[cid], out_size=batch.images.shape[-1])
+        logits = self.module(batch.features, self.queries[cid], out_size=batch.images.shape[-1])
         logits = logits.masked_fill(~valid.to(logits.device)[..., None, None], float("-inf"))
         best = logits.argmax(1, keepdim=True)                                  # (N, 1, H, W)
         masks = (logits > 0) & (torch.arange(m, device=logits.device)[None, :, None, None] == best)
@@ -213,18 +206,13 @@ def fit_segmenter(
 def evaluate_segmenter(net: torch.nn.Module, class_names: Sequence[str], seen: Sequence[str], *, split: str = "grounding_test",
                        num_images: int = 200, chunk: int = 100) -> dict[str, float]:
     """Seen / unseen / harmonic mIoU (foreground classes; background excluded) on procedural ground-truth images."""
-    from ..toy.world import CATEGORIES, render
+    from ..toy.oracle import procedural_confusion
+    from ..toy.world import CATEGORIES
 
-    k = len(class_names) + 1
-    cm = torch.zeros(k, k, dtype=torch.long)
-    for s in range(0, num_images, chunk):
-        b = render(split, s, min(chunk, num_images - s))
-        x = torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        y = torch.from_numpy(b.labels).long()
-        # world ids -> our class order (identical for the toy, but keep the mapping explicit)
-        remap = torch.tensor([0] + [class_names.index(c) + 1 for c in CATEGORIES])
-        cm += confusion_matrix(net(x).argmax(1), remap[y], k, ignore_index=None)
-    iou = iou_per_class(cm).numpy()[1:]
+    # our class order -> world ids (identical for the toy, but keep the mapping explicit)
+    to_world = torch.tensor([0] + [CATEGORIES.index(c) + 1 for c in class_names])
+    cm = procedural_confusion(lambda x: to_world[net(x).argmax(1)], num_images, split, chunk)
+    iou = iou_per_class(cm).numpy()[to_world[1:].numpy()]
     s = float(np.nanmean([iou[i] for i, c in enumerate(class_names) if c in seen]))
     u = float(np.nanmean([iou[i] for i, c in enumerate(class_names) if c not in seen]))
     return {"seen": s, "unseen": u, "harmonic": harmonic(s, u), **{c: float(iou[i]) for i, c in enumerate(class_names)}}

@@ -109,14 +109,21 @@ class OracleSegmenter:
         return SegmenterOutput(masks=masks, scores=score, class_names=self.class_names)
 
 
-def evaluate(seg: OracleSegmenter, n: int = 500, split: str = "oracle_test", chunk: int = 250) -> float:
-    """mIoU (background included) on ``n`` held-out procedural images."""
+@torch.no_grad()
+def procedural_confusion(predict_labels, n: int, split: str = "oracle_test", chunk: int = 250) -> torch.Tensor:
+    """Confusion matrix (world class ids, background 0) of ``predict_labels`` — (N, 3, H, W) images in [-1, 1]
+    -> (N, H, W) labels — against the exact labels of the first ``n`` images of a procedural split."""
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for s in range(0, n, chunk):
         b = render(split, s, min(chunk, n - s))
         x = torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        cm += confusion_matrix(seg.predict_labels(x).cpu(), torch.from_numpy(b.labels), NUM_CLASSES, ignore_index=None)
-    return float(np.nanmean(iou_per_class(cm).numpy()))
+        cm += confusion_matrix(predict_labels(x).cpu(), torch.from_numpy(b.labels), NUM_CLASSES, ignore_index=None)
+    return cm
+
+
+def evaluate(seg: OracleSegmenter, n: int = 500, split: str = "oracle_test", chunk: int = 250) -> float:
+    """mIoU (background included) on ``n`` held-out procedural images."""
+    return float(np.nanmean(iou_per_class(procedural_confusion(seg.predict_labels, n, split, chunk)).numpy()))
 
 
 def train(out: Path, steps: int = 3000, batch: int = 32, lr: float = 2e-3, width: int = 24, seed: int = 0,
