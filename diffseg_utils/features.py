@@ -93,16 +93,15 @@ class FeatureMaps:
             m = self.maps[k]
             c, h, w = m.shape[1:]
             if (h, w) not in cache:
-                cache[(h, w)] = _bilinear_taps(y, x, H, W, h, w)
-            y0, y1, x0, x1, wy, wx = cache[(h, w)]
+                y0, y1, x0, x1, wy, wx = _bilinear_taps(y, x, H, W, h, w)
+                r0, r1 = (img * h + y0) * w, (img * h + y1) * w
+                cache[(h, w)] = (torch.cat([r0 + x0, r0 + x1, r1 + x0, r1 + x1]),   # the 4 taps' rows
+                                 torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx]))
+            idx, wts = cache[(h, w)]
             # gather whole channel rows in the storage dtype (a view when channels-last), blend in float32
             rows = m.permute(0, 2, 3, 1).reshape(-1, c)
-            r0, r1 = (img * h + y0) * w, (img * h + y1) * w
-            v00, v01 = rows.index_select(0, r0 + x0).float(), rows.index_select(0, r0 + x1).float()
-            v10, v11 = rows.index_select(0, r1 + x0).float(), rows.index_select(0, r1 + x1).float()
-            top = v00 + (v01 - v00) * wx
-            bot = v10 + (v11 - v10) * wx
-            out[:, col:col + c] = (top + (bot - top) * wy).to(dtype)
+            v = rows.index_select(0, idx).view(4, -1, c).float()
+            out[:, col:col + c] = v.mul_(wts).sum(0).to(dtype)  # v is a fresh gather: scale in place
             col += c
         return out
 

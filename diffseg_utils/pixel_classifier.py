@@ -80,29 +80,63 @@ class PixelEnsemble:
     def params(self) -> list[torch.Tensor]:
         return self.weights + self.biases + self.bn_weight + self.bn_bias
 
-    def _bn(self, h: torch.Tensor, i: int, train: bool, active: torch.Tensor | None) -> torch.Tensor:
-        if train:
-            var, mean = torch.var_mean(h, 1, unbiased=False, keepdim=True)
-            with torch.no_grad():  # running statistics, only for members still training
-                n = h.shape[1]
-                m = self.cfg.bn_momentum * active.view(-1, 1, 1).float()
-                self.running_mean[i].mul_(1 - m).add_(m * mean)
-                self.running_var[i].mul_(1 - m).add_(m * var * n / max(n - 1, 1))
-        else:
-            mean, var = self.running_mean[i], self.running_var[i]
-        return (h - mean) / torch.sqrt(var + self.cfg.bn_eps) * self.bn_weight[i] + self.bn_bias[i]
+    def _bn(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """BatchNorm with the running statistics (evaluation mode)."""
+        return (h - self.running_mean[i]) * torch.rsqrt(self.running_var[i] + self.cfg.bn_eps) * self.bn_weight[i] \
+            + self.bn_bias[i]
 
-    def logits(self, x: torch.Tensor, train: bool = False, active: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (E, B, d) per-member batches, or (B, d) shared by all members -> (E, B, K)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation-mode logits. x: (E, B, d) per-member batches, or (B, d) shared by all members -> (E, B, K)."""
         if x.ndim == 2:
             x = x.unsqueeze(0).expand(self.cfg.num_members, -1, -1)
         h = x
         for i in range(2):
-            h = torch.relu(torch.baddbmm(self.biases[i], h, self.weights[i]))
-            h = self._bn(h, i, train, active)
+            h = self._bn(torch.relu(torch.baddbmm(self.biases[i], h, self.weights[i])), i)
         return torch.baddbmm(self.biases[2], h, self.weights[2])
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor):
+        """One training-mode forward + backward of every member, written out by hand.
+
+        x: (E, b, d) per-member batches, y: (E, b) labels. Returns the per-member mean
+        cross-entropy (E,) and the gradients in :meth:`params` order. Updates the running
+        BatchNorm statistics of the ``active`` members, as ``nn.BatchNorm1d.train()`` would.
+        Equal to autograd through the same network (tested); written out because autograd's
+        per-op overhead, not arithmetic, dominates members this small on a CPU.
+        """
+        cfg, b = self.cfg, x.shape[1]
+        W, bias, gamma, beta = self.weights, self.biases, self.bn_weight, self.bn_bias
+        m = cfg.bn_momentum * active.view(-1, 1, 1).to(x.dtype)
+        h, saved = x, []
+        for i in range(2):
+            z = torch.baddbmm(bias[i], h, W[i])
+            a = torch.relu(z)
+            mean = a.mean(1, keepdim=True)
+            d = a - mean
+            var = (d * d).mean(1, keepdim=True)   # biased, as BatchNorm normalises with
+            rstd = torch.rsqrt(var + cfg.bn_eps)
+            xh = d * rstd
+            self.running_mean[i].lerp_(mean, m)
+            self.running_var[i].lerp_(var * (b / max(b - 1, 1)), m)
+            saved.append((h, z, xh, rstd))
+            h = torch.addcmul(beta[i], xh, gamma[i])
+        logp = torch.log_softmax(torch.baddbmm(bias[2], h, W[2]), -1)
+        loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
+        dz = logp.exp_()
+        dz.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(dz[..., :1], -1.0)).div_(b)
+        gW, gb, gg, gB = [None] * 3, [None] * 3, [None] * 2, [None] * 2
+        gW[2], gb[2] = torch.bmm(h.transpose(1, 2), dz), dz.sum(1, keepdim=True)
+        for i in (1, 0):
+            dn = torch.bmm(dz, W[i + 1].transpose(1, 2))   # d loss / d BN output
+            h_in, z, xh, rstd = saved[i]
+            gg[i], gB[i] = (dn * xh).sum(1, keepdim=True), dn.sum(1, keepdim=True)
+            dxh = dn * gamma[i]
+            da = rstd * (dxh - dxh.mean(1, keepdim=True) - xh * (dxh * xh).mean(1, keepdim=True))
+            dz = da * (z > 0)
+            gW[i], gb[i] = torch.bmm(h_in.transpose(1, 2), dz), dz.sum(1, keepdim=True)
+        return loss, gW + gb + gg + gB
+
     # ------------------------------------------------------------------ training
+    @torch.no_grad()
     def fit(self, features: FeatureMaps, labels, progress: bool = True, max_pixels: int | None = None) -> "PixelEnsemble":
         """Train every member on the labelled pixels of ``labels`` ``(N, H, W)`` (ignore_index skipped).
 
@@ -132,8 +166,6 @@ class PixelEnsemble:
         E, B = cfg.num_members, cfg.batch_size
         steps_per_epoch = math.ceil(n / B)
         params = self.params()
-        for p in params:
-            p.requires_grad_(True)
         adam_m = [torch.zeros_like(p) for p in params]
         adam_v = [torch.zeros_like(p) for p in params]
         step_count = torch.zeros(E, device=self.device)
@@ -152,27 +184,20 @@ class PixelEnsemble:
                 pix = flat_dev[idx.reshape(-1)]
                 x = features.sample(pix // (H * W), (pix // W) % H, pix % W).reshape(E, idx.shape[1], -1)
                 y = y_all[idx]
-                out = self.logits(x, train=True, active=active)
-                loss_e = F.cross_entropy(out.reshape(-1, cfg.num_classes), y.reshape(-1),
-                                         reduction="none").reshape(E, -1).mean(1)
-                grads = torch.autograd.grad(loss_e.sum(), params)
-                with torch.no_grad():
-                    step_count += active.float()
-                    self._adam(params, grads, adam_m, adam_v, step_count, active)
-                    if epoch >= cfg.min_epochs:  # DDPM-Seg: "if epoch > 3" with 0-based epochs
-                        le = loss_e.detach()
-                        better = le < best
-                        best = torch.where(active & better, le, best)
-                        strikes = torch.where(active & better, torch.zeros_like(strikes), strikes + active.long())
-                        active = active & (strikes <= cfg.patience)
+                loss_e, grads = self.train_step(x, y, active)
+                step_count += active.float()
+                self._adam(params, grads, adam_m, adam_v, step_count, active)
+                if epoch >= cfg.min_epochs:  # DDPM-Seg: "if epoch > 3" with 0-based epochs
+                    better = loss_e < best
+                    best = torch.where(active & better, loss_e, best)
+                    strikes = torch.where(active & better, torch.zeros_like(strikes), strikes + active.long())
+                    active = active & (strikes <= cfg.patience)
                 bar.update(1)
                 done += 1
             self.history.append({"epoch": epoch, "active": int(active.sum()), "best_loss": best.tolist()})
             if not active.any() or (cfg.max_steps is not None and done >= cfg.max_steps):
                 break
         bar.close()
-        for p in params:
-            p.requires_grad_(False)
         self.epochs_trained = len(self.history)
         return self
 
@@ -180,8 +205,13 @@ class PixelEnsemble:
         """torch.optim.Adam's update, per member; members that stopped are left untouched."""
         lr = self.cfg.lr
         if bool(active.all()) and bool((step == step[0]).all()):
-            # common case: every member trains, same step count -> scalar bias corrections, foreach ops
+            # common case: every member trains, same step count -> torch's fused Adam kernel (one pass)
             t = float(step[0])
+            if hasattr(torch, "_fused_adam_"):
+                steps = [torch.tensor(t, device=params[0].device) for _ in params]
+                torch._fused_adam_(params, grads, ms, vs, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
+                                   eps=eps, amsgrad=False, maximize=False)
+                return
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             torch._foreach_lerp_(ms, grads, 1 - b1)
             torch._foreach_mul_(vs, b2)

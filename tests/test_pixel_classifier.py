@@ -71,6 +71,37 @@ def test_batched_members_equal_sequential_members():
                                    ref(fm.dense().permute(0, 2, 3, 1).reshape(-1, fm.channels)), atol=1e-4, rtol=1e-4)
 
 
+def test_hand_written_backward_equals_autograd():
+    """train_step's gradients and BatchNorm updates equal autograd through the same batched network."""
+    cfg = EnsembleConfig(num_classes=5, num_members=4, hidden=(12, 7), seed=1)
+    ens = PixelEnsemble(cfg, 9)
+    g = torch.Generator().manual_seed(0)
+    for p in ens.params():  # move off the trivial init so every term of the backward matters
+        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    x, y = torch.randn(4, 13, 9, generator=g), torch.randint(0, 5, (4, 13), generator=g)
+    active = torch.tensor([True, False, True, True])
+    loss, grads = ens.train_step(x, y, active)
+
+    params = [p.clone().requires_grad_(True) for p in ens.params()]
+    W, b, gam, bet = params[0:3], params[3:6], params[6:8], params[8:10]
+    h, stats = x, []
+    for i in range(2):
+        a = torch.relu(x @ W[0] + b[0]) if i == 0 else torch.relu(h @ W[1] + b[1])
+        var, mean = torch.var_mean(a, 1, unbiased=False, keepdim=True)
+        stats.append((mean, var))
+        h = (a - mean) / torch.sqrt(var + cfg.bn_eps) * gam[i] + bet[i]
+    out = h @ W[2] + b[2]
+    ref_loss = F.cross_entropy(out.reshape(-1, 5), y.reshape(-1), reduction="none").reshape(4, -1).mean(1)
+    ref_grads = torch.autograd.grad(ref_loss.sum(), params)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for i, (mean, var) in enumerate(stats):  # running stats: momentum 0.1, unbiased var, inactive member untouched
+        m = 0.1 * active.view(-1, 1, 1)
+        torch.testing.assert_close(ens.running_mean[i], (m * mean).detach())
+        torch.testing.assert_close(ens.running_var[i], (1 - m + m * var * 13 / 12).detach())
+
+
 def test_early_stopping_rule():
     fm, labels = _toy_features()
     cfg = EnsembleConfig(num_classes=3, num_members=2, batch_size=16, max_epochs=50, min_epochs=1, patience=0)
