@@ -49,6 +49,9 @@ class EnsembleConfig:
         return tuple(self.hidden) if self.hidden else ((128, 32) if self.num_classes < 30 else (256, 128))
 
 
+_FUSED_ADAM: dict[str, bool] = {}  # device type -> whether torch's fused Adam kernel is usable there
+
+
 def member_init(dim: int, cfg: EnsembleConfig, seed: int) -> list[torch.Tensor]:
     """One member's initial (W1, W2, W3) in (in, out) layout, drawn from its own seed."""
     g = torch.Generator().manual_seed(seed)
@@ -207,11 +210,14 @@ class PixelEnsemble:
         if bool(active.all()) and bool((step == step[0]).all()):
             # common case: every member trains, same step count -> torch's fused Adam kernel (one pass)
             t = float(step[0])
-            if hasattr(torch, "_fused_adam_"):
+            if _FUSED_ADAM.get(params[0].device.type, hasattr(torch, "_fused_adam_")):
                 steps = [torch.tensor(t, device=params[0].device) for _ in params]
-                torch._fused_adam_(params, grads, ms, vs, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
-                                   eps=eps, amsgrad=False, maximize=False)
-                return
+                try:
+                    torch._fused_adam_(params, grads, ms, vs, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
+                                       eps=eps, amsgrad=False, maximize=False)
+                    return
+                except (NotImplementedError, RuntimeError):  # no fused kernel for this device in this torch
+                    _FUSED_ADAM[params[0].device.type] = False
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             torch._foreach_lerp_(ms, grads, 1 - b1)
             torch._foreach_mul_(vs, b2)

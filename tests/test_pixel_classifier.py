@@ -53,7 +53,11 @@ def _reference_member(fm, labels, cfg, seed):
     return net
 
 
-def test_batched_members_equal_sequential_members():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adam", "foreach-adam"])
+def test_batched_members_equal_sequential_members(fused, monkeypatch):
+    import diffseg_utils.pixel_classifier as pc
+
+    monkeypatch.setitem(pc._FUSED_ADAM, "cpu", fused and hasattr(torch, "_fused_adam_"))
     fm, labels = _toy_features()
     cfg = EnsembleConfig(num_classes=3, num_members=3, batch_size=32, max_epochs=8, min_epochs=2, patience=3, seed=5)
     ens = PixelEnsemble(cfg, fm.channels).fit(fm, labels, progress=False)
