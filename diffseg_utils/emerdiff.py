@@ -17,8 +17,7 @@ pre-hooks), so the shared prefix is computed once. Defaults from the paper: ``t_
 below ``t_m``), k-means++ with 30 Lloyd iterations, and the first attention layer of the
 chosen level as the modulated layer (the paper found the three 16x16 layers similar).
 ``modulate_layer`` may sit at a finer up level than the k-means layer (the segments are then
-nearest-resized to it): on the toy model, whose k-means level is only 8x8 at 64 px, the 16x16
-level modulates more locally (notebook 03 chooses it, and lam, on validation images).
+nearest-resized to it); notebook 03 compares both, and several lam, on validation images.
 """
 from __future__ import annotations
 

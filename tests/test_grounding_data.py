@@ -169,6 +169,17 @@ def test_resume_regenerates_only_missing_shards(toy, oracle_labeler, tmp_path):
         synthesize(toy, counter, tmp_path, **{**kw, "shard_size": 3})
     with pytest.raises(ValueError, match=r"(?s)seed.*new output directory"):
         synthesize(toy, counter, tmp_path, **{**kw, "seed": 2})
+    # and so are other weights: a retrained backbone never silently reuses a stale dataset
+    w = next(toy.unet.parameters())
+    keep = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(1.5)
+        with pytest.raises(ValueError, match="backbone_weights"):
+            synthesize(toy, counter, tmp_path, **kw)
+    finally:
+        with torch.no_grad():
+            w.copy_(keep)
     # rank 1 of 2 owns shard 1 only
     assert [p.name for p in synthesize(toy, counter, tmp_path, **kw, rank=1, world_size=2)] == ["shard_00001.pt"]
 
@@ -230,3 +241,15 @@ def test_accelerate_two_processes_equal_one(toy, oracle_labeler, tmp_path):
     assert one.names == two.names and one.prompts == two.prompts
     for r in one.features:
         assert torch.equal(one.features[r], two.features[r]), r
+
+
+def test_labeler_config_fingerprints_wrapped_weights():
+    from diffseg_utils.grounding.data import labeler_config
+
+    net = torch.nn.Conv2d(3, 2, 1)
+    lab = SegmenterLabeler(net, name="tiny")
+    before = labeler_config(lab)
+    assert before["name"] == "tiny" and len(before["weights"]) == 12
+    with torch.no_grad():
+        net.weight.mul_(2)
+    assert labeler_config(lab)["weights"] != before["weights"]

@@ -69,13 +69,13 @@ def test_ensemble_on_diffusion_features_beats_rgb_and_untrained(toy, fewshot):
 
 
 def test_emerdiff_beats_bilinear_upsampling_of_its_own_segments(toy):
-    """With notebook 03's toy settings (modulating the 16x16 level, lambda 40, chosen there on
-    validation images); a modulation that ignored its mask, or diffs that were noise, lose to bilinear."""
+    """With notebook 03's toy settings (lambda 40, chosen there on validation images; the paper's layer);
+    a modulation that ignored its mask, or difference maps that were noise, lose to bilinear upsampling."""
     from diffseg_utils.emerdiff import emerdiff_segment, upsample_segments
     from diffseg_utils.metrics import hungarian_miou
 
     data = world.render("eval", 0, 16)
-    res = emerdiff_segment(toy, data.images, 6, lam=40.0, modulate_layer=EMERDIFF_TOY_LAYER, seed=0, progress=False)
+    res = emerdiff_segment(toy, data.images, 6, lam=40.0, seed=0, progress=False)
     score = lambda pred: float(np.mean([hungarian_miou(p.cpu().numpy(), g) for p, g in zip(pred, data.labels)]))  # noqa: E731
     ours, bilinear = score(res.pixels), score(upsample_segments(res.low_res, tuple(res.pixels.shape[1:]), "bilinear"))
     print(f"Hungarian mIoU: EmerDiff {ours:.3f}, bilinear {bilinear:.3f}")
@@ -106,9 +106,9 @@ def test_shipped_grounding_module_matches_the_shipped_toy_model():
     assert meta["toy_sd_unet_step"] == step, "retrain data/grounding after changing data/toy-sd (see its README)"
 
 
-# measured on the step-6000 toy model (these samples): probe 0.151 vs untrained 0.073 vs RGB 0.043;
-# ensemble 0.175 vs untrained 0.075 vs RGB 0.077; grounding seen 0.435 vs cross-attention 0.017
+# measured on the step-13400 toy model (these samples): probe 0.202 vs untrained 0.075 vs RGB 0.043;
+# ensemble 0.200 vs untrained 0.079 vs RGB 0.079; EmerDiff 0.506 vs bilinear 0.447;
+# grounding seen 0.503 vs cross-attention 0.015
 MARGIN_RGB, MARGIN_UNTRAINED = 0.05, 0.05
-MARGIN_EMERDIFF = 0.02
-EMERDIFF_TOY_LAYER = "up_blocks.2.attentions.0.transformer_blocks.0.attn2"
+MARGIN_EMERDIFF = 0.03
 MARGIN_GROUNDING = 0.2

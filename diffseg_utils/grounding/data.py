@@ -35,6 +35,7 @@ Multi-process synthesis (each process its own shards) is in :mod:`.synth`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -106,11 +107,27 @@ class Labeler(Protocol):
     def __call__(self, batch: GeneratedBatch, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def weights_fingerprint(*modules) -> str:
+    """A short hash of the modules' floating-point weights (names, shapes, rounded sums), recorded in
+    manifests so that a dataset made with other weights is refused rather than silently reused."""
+    h = hashlib.sha1()
+    for m in modules:
+        for name, p in (m.state_dict().items() if isinstance(m, torch.nn.Module) else ()):
+            if torch.is_floating_point(p):
+                d = p.detach().double()
+                h.update(f"{name}{tuple(p.shape)}{float(d.sum()):.6g}{float((d * d).sum()):.6g}".encode())
+    return h.hexdigest()[:12]
+
+
 def labeler_config(labeler: Labeler) -> dict[str, Any]:
-    """What the manifest records about a labeler: its ``config`` dict, else its name."""
+    """What the manifest records about a labeler: its ``config`` dict (else its name), plus a
+    fingerprint of its weights when it wraps a torch module (``module`` or ``segmenter``)."""
     cfg = getattr(labeler, "config", None)
     if cfg is None:
         cfg = {"name": getattr(labeler, "__name__", type(labeler).__name__)}
+    nets = [getattr(labeler, a, None) for a in ("module", "segmenter")]
+    if any(isinstance(n, torch.nn.Module) for n in nets):
+        cfg = {**cfg, "weights": weights_fingerprint(*nets)}
     return json.loads(json.dumps(cfg))
 
 
@@ -162,7 +179,8 @@ class SegmenterLabeler:
 
 # ---------------------------------------------------------------------------- synthesis
 def _manifest(backbone: Backbone, labeler: Labeler, **settings) -> dict[str, Any]:
-    cfg = {"format_version": FORMAT_VERSION, "backbone": backbone.name, **settings,
+    cfg = {"format_version": FORMAT_VERSION, "backbone": backbone.name,
+           "backbone_weights": weights_fingerprint(backbone.unet, backbone.text_encoder), **settings,
            "labeler": labeler_config(labeler)}
     return json.loads(json.dumps(cfg))  # tuples -> lists, as they read back
 
