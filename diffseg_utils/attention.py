@@ -114,3 +114,12 @@ def low_res_query_layer(backbone: Backbone) -> AttentionLayer:
     lowest = min(a.resolution[0] * a.resolution[1] for a in cross)
     return next(a for a in cross if a.resolution[0] * a.resolution[1] == lowest)
 
+
+
+def finer_up_layer(backbone: Backbone) -> AttentionLayer | None:
+    """The first attention layer of the next finer up-block level than :func:`low_res_query_layer`'s
+    (same kind: cross or self), or None when there is none: EmerDiff's alternative modulated layer."""
+    q = low_res_query_layer(backbone)
+    finer = [a for a in attention_layers(backbone) if a.path.startswith("up_blocks.") and a.cross == q.cross
+             and a.resolution[0] > q.resolution[0]]
+    return min(finer, key=lambda a: a.resolution[0], default=None)

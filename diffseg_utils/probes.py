@@ -16,6 +16,7 @@ import torch
 
 from .features import FeatureMaps, extract_features
 from .metrics import confusion_matrix, iou_per_class
+from .pixel_classifier import EnsembleConfig, PixelEnsemble
 
 
 def balanced_pixels(labels: torch.Tensor, per_class: int, seed: int = 0, ignore_index: int = 255):
@@ -97,8 +98,6 @@ def mlp_probe(train: FeatureMaps, train_labels, test: FeatureMaps, test_labels, 
               seed: int = 0, ignore_index: int = 255, max_pixels: int | None = None) -> float:
     """Test mIoU of one DDPM-Seg member MLP (a one-member :class:`PixelEnsemble` with the paper's
     widths, initialisation, Adam and early stop) trained on every labelled pixel of ``train``."""
-    from .pixel_classifier import EnsembleConfig, PixelEnsemble
-
     train_labels, test_labels = torch.as_tensor(np.asarray(train_labels)), torch.as_tensor(np.asarray(test_labels))
     cfg = EnsembleConfig(num_classes=num_classes, num_members=1, seed=seed, ignore_index=ignore_index)
     ens = PixelEnsemble(cfg, train.channels, train.device).fit(train, train_labels, progress=False, max_pixels=max_pixels)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_utils.attention import ControlledAttnProcessor, attention_layers, low_res_query_layer
+from diffseg_utils.attention import ControlledAttnProcessor, attention_layers, finer_up_layer, low_res_query_layer
 from diffseg_utils.emerdiff import (_denoise_timesteps, emerdiff_segment, gaussian_blur, kmeans,
                                     reference_modulated_run, upsample_segments)
 from diffseg_utils.hooks import AttentionProcessors
@@ -30,13 +30,8 @@ def test_level_selection(sd_tiny, ddpm_tiny):
     assert a.path == "up_blocks.1.attentions.0.transformer_blocks.0.attn2" and a.cross  # SD's rule
     b = low_res_query_layer(ddpm_tiny)
     assert b.path == "up_blocks.1.attentions.0" and not b.cross  # self-attention only UNet
-
-
-def _finer_up_layer(bb):
-    """An up-block attention layer at a finer resolution than the query layer."""
-    q = low_res_query_layer(bb)
-    return next(a for a in attention_layers(bb) if a.path.startswith("up_blocks.") and a.resolution[0] > q.resolution[0]
-                and a.cross == q.cross)
+    f = finer_up_layer(sd_tiny)
+    assert f.cross and f.resolution[0] > a.resolution[0] and f.path.startswith("up_blocks.")
 
 
 @pytest.mark.parametrize("which,finer", [("sd_tiny", False), ("ddpm_tiny", False), ("sd_tiny", True)])
@@ -47,7 +42,7 @@ def test_batched_equals_reference_loop_and_lambda_zero(which, finer, request):
     img = torch.rand(1, 3, bb.resolution, bb.resolution, generator=torch.Generator().manual_seed(1))
     kw = dict(num_segments=3, num_inference_steps=8, return_images=True, progress=False)
     if finer:
-        kw["modulate_layer"] = _finer_up_layer(bb).path
+        kw["modulate_layer"] = finer_up_layer(bb).path
     big = emerdiff_segment(bb, img, chunk_size=16, **kw)
     small = emerdiff_segment(bb, img, chunk_size=1, **kw)
     torch.testing.assert_close(big.images_plus, small.images_plus, atol=1e-4, rtol=1e-4)
@@ -62,7 +57,7 @@ def test_batched_equals_reference_loop_and_lambda_zero(which, finer, request):
     k = int(torch.unique(big.low_res[0])[0])
     mask = (big.low_res[0] == k).float()
     if finer:
-        mask = torch.nn.functional.interpolate(mask[None, None], size=_finer_up_layer(bb).resolution, mode="nearest")[0, 0]
+        mask = torch.nn.functional.interpolate(mask[None, None], size=finer_up_layer(bb).resolution, mode="nearest")[0, 0]
         assert big.layer == kw["modulate_layer"]
     ref = bb.decode(reference_modulated_run(bb, bb.add_noise(z0, 281, eps), mask, -1.0, 10.0, ts, sched, big.layer, True))
     torch.testing.assert_close(ref[0].float(), big.images_minus[0, k], atol=1e-4, rtol=1e-4)
