@@ -43,6 +43,27 @@ def pixel_accuracy(pred, gt, ignore_index: int | None = 255) -> float:
     return float((pred[keep] == gt[keep]).float().mean())
 
 
+def foreground_breakdown(pred, gt, background: int = 0, ignore_index: int | None = 255) -> dict[str, float]:
+    """Split a semantic segmentation's error into *finding* objects and *naming* them.
+
+    ``fg_iou``: IoU of "any object" (pred != background) against (gt != background);
+    ``class_acc_on_fg``: among pixels both maps call foreground, the fraction whose class agrees
+    (chance is 1 / number of object classes). A low mIoU with a high ``fg_iou`` means the
+    features localise objects but do not tell their categories apart.
+    """
+    pred = torch.as_tensor(pred).reshape(-1).long()
+    gt = torch.as_tensor(gt).reshape(-1).long().to(pred.device)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same number of pixels; got {pred.numel()} and {gt.numel()}")
+    keep = gt != ignore_index if ignore_index is not None else torch.ones_like(gt, dtype=torch.bool)
+    pred, gt = pred[keep], gt[keep]
+    pf, gf = pred != background, gt != background
+    both = pf & gf
+    union = int((pf | gf).sum())
+    return {"fg_iou": float(both.sum()) / union if union else float("nan"),
+            "class_acc_on_fg": float((pred[both] == gt[both]).float().mean()) if both.any() else float("nan")}
+
+
 def hungarian_match(pred: np.ndarray, gt: np.ndarray, ignore_index: int | None = 255) -> dict[int, int]:
     """One-to-one map predicted segment id -> ground-truth class maximising total IoU (scipy)."""
     from scipy.optimize import linear_sum_assignment

@@ -94,14 +94,23 @@ def probe_features(train: FeatureMaps, train_labels: torch.Tensor, test: Feature
     return float(np.nanmean(iou_per_class(cm).numpy()))
 
 
-def mlp_probe(train: FeatureMaps, train_labels, test: FeatureMaps, test_labels, num_classes: int, *,
-              seed: int = 0, ignore_index: int = 255, max_pixels: int | None = None) -> float:
-    """Test mIoU of one DDPM-Seg member MLP (a one-member :class:`PixelEnsemble` with the paper's
-    widths, initialisation, Adam and early stop) trained on every labelled pixel of ``train``."""
-    train_labels, test_labels = torch.as_tensor(np.asarray(train_labels)), torch.as_tensor(np.asarray(test_labels))
+def mlp_probe_predict(train: FeatureMaps, train_labels, test: FeatureMaps, num_classes: int, *, seed: int = 0,
+                      ignore_index: int = 255, max_pixels: int | None = None) -> torch.Tensor:
+    """Labels ``(N, H, W)`` that one DDPM-Seg member MLP (a one-member :class:`PixelEnsemble` with the
+    paper's widths, initialisation, Adam and early stop), trained on every labelled pixel of
+    ``train``, predicts for the images of ``test``."""
+    train_labels = torch.as_tensor(np.asarray(train_labels))
     cfg = EnsembleConfig(num_classes=num_classes, num_members=1, seed=seed, ignore_index=ignore_index)
     ens = PixelEnsemble(cfg, train.channels, train.device).fit(train, train_labels, progress=False, max_pixels=max_pixels)
-    pred = ens.predict(test)[0]
+    return ens.predict(test)[0]
+
+
+def mlp_probe(train: FeatureMaps, train_labels, test: FeatureMaps, test_labels, num_classes: int, *,
+              seed: int = 0, ignore_index: int = 255, max_pixels: int | None = None) -> float:
+    """Test mIoU of one DDPM-Seg member MLP (see :func:`mlp_probe_predict`)."""
+    pred = mlp_probe_predict(train, train_labels, test, num_classes, seed=seed, ignore_index=ignore_index,
+                             max_pixels=max_pixels)
+    test_labels = torch.as_tensor(np.asarray(test_labels))
     cm = confusion_matrix(pred.cpu().reshape(-1), test_labels.reshape(-1), num_classes, ignore_index)
     return float(np.nanmean(iou_per_class(cm).numpy()))
 

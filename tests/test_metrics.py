@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from diffseg_utils.metrics import confusion_matrix, hungarian_match, hungarian_miou, mean_iou, pixel_accuracy
 
@@ -23,3 +24,18 @@ def test_hungarian_on_hand_made_cases():
     assert hungarian_miou(one, gt) == pytest.approx(0.25)
     split = np.array([[1, 2, 3, 3], [1, 2, 3, 3]])  # class 1 split in two halves
     assert hungarian_miou(split, gt) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_foreground_breakdown_separates_finding_from_naming():
+    from diffseg_utils.metrics import foreground_breakdown
+
+    gt = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 255]])
+    # every object pixel found, but half of them named wrongly; one background pixel called an object
+    pred = torch.tensor([[0, 3, 1, 2], [0, 2, 1, 0]])
+    out = foreground_breakdown(pred, gt)
+    assert out["fg_iou"] == 4 / 5                      # 4 fg in both, union 5 (the ignored pixel skipped)
+    assert out["class_acc_on_fg"] == 2 / 4
+    perfect = foreground_breakdown(gt, gt)
+    assert perfect == {"fg_iou": 1.0, "class_acc_on_fg": 1.0}
+    with pytest.raises(ValueError, match="same number of pixels"):
+        foreground_breakdown(pred[:1], gt)

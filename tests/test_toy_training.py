@@ -30,6 +30,35 @@ def test_micro_training_exports_a_loadable_pipeline(tmp_path):
     train.main(["--config", "micro", "--work", str(tmp_path / "work"), "--out", str(out), "--stage", "unet",
                 "--unet-steps", "5", "--unet-batch", "4"])
     assert torch.load(tmp_path / "work" / "unet.pt", weights_only=False)["step"] == 5
+    # the gate stage measures every checkpoint once and only new ones on a rerun
+    gate_args = ["--config", "micro", "--work", str(tmp_path / "work"), "--out", str(out), "--stage", "gate",
+                 "--gate-fidelity", "2", "--gate-probe", "2"]
+    train.main(gate_args)
+    rec = json.loads((out / "gates.json").read_text())
+    assert [r["step"] for r in rec["checkpoints"]] == [5]
+    assert {"fidelity_all_found", "probe_mlp", "probe_fg_iou", "probe_class_acc_on_fg"} <= set(rec["checkpoints"][0])
+    assert 0 <= rec["untrained"]["mlp"] <= 1 and rec["rgb"]["block"] == "rgb"
+    train.main(gate_args)
+    assert json.loads((out / "gates.json").read_text())["checkpoints"] == rec["checkpoints"]
+    log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "gate"] == [5]  # measured once, not again on the rerun
+
+
+def test_checkpoint_loading_names_a_wrong_file(tmp_path, sd_tiny):
+    from diffseg_utils.toy.quality import backbone_from_checkpoint
+
+    torch.save({"model": {}}, tmp_path / "vae.pt")
+    with pytest.raises(ValueError, match="not a UNet checkpoint"):
+        backbone_from_checkpoint(sd_tiny, tmp_path / "vae.pt")
+    st = {"unet": sd_tiny.unet.state_dict(), "text": sd_tiny.text_encoder.state_dict()}
+    torch.save({"ema": st, "step": 7}, tmp_path / "unet_7.pt")
+    bb = backbone_from_checkpoint(sd_tiny, tmp_path / "unet_7.pt")
+    assert bb.name.endswith("step 7") and bb.unet is not sd_tiny.unet
+    torch.testing.assert_close(bb.unet.state_dict(), sd_tiny.unet.state_dict())
+    st["unet"] = {k: v[..., :1] if v.ndim else v for k, v in st["unet"].items()}  # wrong shapes: another config
+    torch.save({"ema": st, "step": 8}, tmp_path / "unet_8.pt")
+    with pytest.raises(ValueError, match="another model config"):
+        backbone_from_checkpoint(sd_tiny, tmp_path / "unet_8.pt")
 
 
 def test_micro_oracle_training(tmp_path):

@@ -1,16 +1,23 @@
-"""Measured quality of the tiny SD: reconstruction PSNR, prompt fidelity, probe gap.
+"""Measured quality of the tiny SD: reconstruction PSNR, prompt fidelity, few-shot probe.
 
-These are the numbers notebook 00 prints and the tests check on small samples.
+These are the numbers notebook 00 prints, the tests check on small samples, and the training
+script's ``gate`` stage records for every checkpoint.
 """
 from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..backbones import Backbone
-from ..metrics import psnr
+from ..features import FeatureMaps, extract_features
+from ..metrics import foreground_breakdown, mean_iou, psnr
+from ..probes import ProbeTable, mlp_probe_predict, probe_features, probe_grid, rgb_features
 from ..sampling import generate
-from .world import CATEGORIES, caption_for, render
+from .world import CATEGORIES, NUM_CLASSES, caption_for, render
 
 
 @torch.no_grad()
@@ -51,3 +58,84 @@ def prompt_fidelity(backbone: Backbone, oracle, n: int = 64, *, guidance: float 
             total += len(ok)
             all_found += all(ok)
     return {"all_found": all_found / n, "object_hit_rate": hits / total, "n": n, "guidance": guidance}
+
+
+@dataclass
+class ProbeReport:
+    """Few-shot probe of one feature source: the ridge sweep's best and one MLP member there.
+
+    ``mlp`` is the test mIoU of a DDPM-Seg member MLP at ``(block, t)``; ``fg_iou`` and
+    ``class_acc_on_fg`` split its error into finding objects and naming them
+    (:func:`~diffseg_utils.metrics.foreground_breakdown`).
+    """
+
+    block: str
+    t: int
+    ridge: float
+    mlp: float
+    fg_iou: float
+    class_acc_on_fg: float
+    table: ProbeTable | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "table"}
+
+
+def _mlp_report(f_tr: FeatureMaps, f_te: FeatureMaps, tr, te, seed: int) -> tuple[float, dict]:
+    pred = mlp_probe_predict(f_tr, tr.labels, f_te, NUM_CLASSES, seed=seed).cpu()
+    return mean_iou(pred, te.labels, NUM_CLASSES), foreground_breakdown(pred, te.labels)
+
+
+def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, timesteps: tuple[int, ...] = (25, 100),
+                  at: tuple[str, int] | None = None, max_objects: int = 3, seed: int = 0) -> ProbeReport:
+    """The toy model's few-shot probe (notebook 00, issue target mIoU >= 0.60).
+
+    A closed-form ridge probe per up-block sub-module x ``timesteps``, fitted on ``n_train``
+    ``fewshot_train`` images and scored on ``n_test`` ``fewshot_test`` images; then one DDPM-Seg member
+    MLP trained on every labelled pixel at the best ``(block, t)`` of that sweep, or at ``at``
+    (to probe another backbone at the same place). ``max_objects`` < 3 renders simpler scenes.
+    """
+    tr = render("fewshot_train", 0, n_train, max_objects=max_objects)
+    te = render("fewshot_test", 0, n_test, max_objects=max_objects)
+    ups = [b for b in backbone.blocks() if b.startswith("up_blocks") and ".upsamplers" not in b]
+    kw = dict(blocks=ups, timesteps=list(timesteps), seed=seed, batch_size=16, progress=False)
+    f_tr, f_te = extract_features(backbone, tr.images, **kw), extract_features(backbone, te.images, **kw)
+    table = probe_grid(backbone, None, tr.labels, None, te.labels, ups, list(timesteps), num_classes=NUM_CLASSES,
+                       seed=seed, progress=False, train_features=f_tr, test_features=f_te)
+    block, t, ridge = table.best()
+    if at is not None:
+        block, t = at
+        ridge = float(table.miou[table.blocks.index(block), table.timesteps.index(t)])
+    mlp, parts = _mlp_report(f_tr.select([block], [t]), f_te.select([block], [t]), tr, te, seed)
+    return ProbeReport(block, int(t), float(ridge), mlp, parts["fg_iou"], parts["class_acc_on_fg"], table)
+
+
+def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int = 3, seed: int = 0) -> ProbeReport:
+    """:func:`fewshot_probe` on raw pixel colours (the floor every feature must beat)."""
+    tr = render("fewshot_train", 0, n_train, max_objects=max_objects)
+    te = render("fewshot_test", 0, n_test, max_objects=max_objects)
+    as_maps = lambda b: rgb_features(torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 255)  # noqa: E731
+    f_tr, f_te = as_maps(tr), as_maps(te)
+    ridge = probe_features(f_tr, tr.labels, f_te, te.labels, NUM_CLASSES, seed=seed)
+    mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed)
+    return ProbeReport("rgb", 0, ridge, mlp, parts["fg_iou"], parts["class_acc_on_fg"])
+
+
+def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Backbone:
+    """``backbone`` with the UNet and text-encoder EMA weights of a training checkpoint.
+
+    ``checkpoint`` is a ``unet.pt`` / ``unet_<step>.pt`` written by the ``unet`` stage of
+    ``python -m diffseg_utils.toy.train``; VAE, tokenizer and scheduler are shared.
+    """
+    st = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(st, dict) or "ema" not in st or "step" not in st:
+        raise ValueError(f"{checkpoint} is not a UNet checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
+    unet, text = copy.deepcopy(backbone.unet), copy.deepcopy(backbone.text_encoder)
+    try:
+        unet.load_state_dict(st["ema"]["unet"])
+        text.load_state_dict(st["ema"]["text"])
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
+    return Backbone(unet=unet, scheduler=backbone.scheduler, vae=backbone.vae, text_encoder=text,
+                    tokenizer=backbone.tokenizer, name=f"{backbone.name} @ step {st['step']}",
+                    device=backbone.device, dtype=backbone.dtype)

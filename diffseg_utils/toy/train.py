@@ -14,6 +14,9 @@ Stages (each checkpoints to ``--work`` and resumes where it stopped):
 4. ``decoder``: optional extra decoder-only VAE training (the encoder, hence the latent
                 space the UNet learned, stays fixed).
 5. ``export``:  write a diffusers ``StableDiffusionPipeline`` directory with the EMA weights.
+6. ``gate``:    measure every UNet checkpoint in ``--work`` (prompt fidelity with the oracle,
+                few-shot probe, against an untrained UNet) into ``<out>/gates.json``; rerun
+                after more training and only new checkpoints are measured.
 """
 from __future__ import annotations
 
@@ -234,12 +237,53 @@ def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = Non
     (out / "training_state.json").write_text(json.dumps({"unet_step": st["step"], "config": cfg.to_dict()}, indent=1))
 
 
+def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_steps: int = 20,
+         guidance: float = 5.0, seed: int = 0, oracle_dir: Path | None = None) -> dict:
+    """Measure every ``unet_<step>.pt`` and ``unet.pt`` in ``work`` on the pipeline in ``out``.
+
+    Per checkpoint: prompt fidelity (``n_fidelity`` generations, the oracle) and the few-shot
+    probe of notebook 00 (:func:`~diffseg_utils.toy.quality.fewshot_probe`); once: the same probe
+    on an untrained UNet and on raw RGB. Results accumulate in ``out/gates.json``.
+    """
+    from ..backbones import load_backbone, untrained_like
+    from ..registry import DATA_DIR
+    from .oracle import OracleSegmenter
+    from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb, prompt_fidelity
+
+    protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance, "seed": seed}
+    path = out / "gates.json"
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    if rec.get("protocol") != protocol:
+        rec = {"protocol": protocol, "checkpoints": []}
+    base = load_backbone(str(out), device="cpu")
+    oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle")
+    if "untrained" not in rec:
+        rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
+        rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
+    done = {r["step"] for r in rec["checkpoints"]}
+    steps = {int(torch.load(c, map_location="cpu", weights_only=False)["step"]): c
+             for c in [*work.glob("unet_*.pt"), work / "unet.pt"] if c.exists()}
+    for step in tqdm(sorted(set(steps) - done), desc="gate"):
+        t0 = time.time()
+        bb = backbone_from_checkpoint(base, steps[step])
+        fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance=guidance, num_steps=num_steps, seed=seed)
+        probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
+        rec["checkpoints"].append({"step": step, "fidelity_all_found": fid["all_found"],
+                                   "object_hit_rate": fid["object_hit_rate"], **{f"probe_{k}": v for k, v in probe.items()},
+                                   "seconds": round(time.time() - t0, 1)})
+        rec["checkpoints"].sort(key=lambda r: r["step"])
+        path.write_text(json.dumps(rec, indent=1))
+        _log(work, {"stage": "gate", "step": step, "fidelity": fid["all_found"], "probe_mlp": probe["mlp"]})
+    path.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("data/toy-sd"), help="pipeline directory to write")
     p.add_argument("--work", type=Path, default=Path("~/.cache/diffseg/toy-train").expanduser(),
                    help="checkpoints and cached latents (kept out of git)")
-    p.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "decoder", "export"])
+    p.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "decoder", "export", "gate"])
     p.add_argument("--config", default="default", choices=["default", "micro"])
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-batch", type=int, default=16)
@@ -249,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=8000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--gate-fidelity", type=int, default=32, help="generations per checkpoint for the fidelity gate")
+    p.add_argument("--gate-probe", type=int, default=20, help="few-shot train (and test) images for the probe gate")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -268,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(a.work, cfg, a.decoder_steps, a.vae_batch, a.vae_lr / 2, decoder_only=True)
     if a.stage in ("all", "export"):
         export(a.work, a.out, cfg)
+    if a.stage == "gate":
+        gate(a.work, a.out, n_fidelity=a.gate_fidelity, n_probe=a.gate_probe, seed=a.seed)
     print(f"done; CPU time of this run: {time.process_time() - t0:.0f} s")
 
 
