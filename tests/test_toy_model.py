@@ -45,3 +45,14 @@ def test_prompt_fidelity_reaches_target():
                           num_steps=20, guidance=5.0, seed=0)
     print(fid)
     assert fid["all_found"] >= 0.80
+
+
+def test_gate_record_covers_the_shipped_weights():
+    """data/toy-sd/gates.json (notebook 00's training curve) must end at the shipped UNet step;
+    after more training, rerun `python -m diffseg_utils.toy.train --stage gate`."""
+    import json
+
+    rec = json.loads((TOY_SD_DIR / "gates.json").read_text())
+    step = json.loads((TOY_SD_DIR / "training_state.json").read_text())["unet_step"]
+    steps = [r["step"] for r in rec["checkpoints"]]
+    assert steps == sorted(steps) and steps[-1] == step
