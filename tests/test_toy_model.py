@@ -56,3 +56,13 @@ def test_gate_record_covers_the_shipped_weights():
     step = json.loads((TOY_SD_DIR / "training_state.json").read_text())["unet_step"]
     steps = [r["step"] for r in rec["checkpoints"]]
     assert steps == sorted(steps) and steps[-1] == step
+
+
+def test_fewshot_probe_names_an_unknown_place():
+    import pytest
+
+    from diffseg_utils.toy.quality import fewshot_probe
+
+    bb = load_backbone("toy", device="cpu")
+    with pytest.raises(ValueError, match="not a probed place; blocks: .*up_blocks"):
+        fewshot_probe(bb, n_train=2, n_test=2, timesteps=(100,), at=("down_blocks.0", 100))

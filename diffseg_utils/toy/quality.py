@@ -105,6 +105,8 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, ti
     block, t, ridge = table.best()
     if at is not None:
         block, t = at
+        if block not in table.blocks or t not in table.timesteps:
+            raise ValueError(f"at={at!r} is not a probed place; blocks: {table.blocks}, timesteps: {table.timesteps}")
         ridge = float(table.miou[table.blocks.index(block), table.timesteps.index(t)])
     mlp, parts = _mlp_report(f_tr.select([block], [t]), f_te.select([block], [t]), tr, te, seed)
     return ProbeReport(block, int(t), float(ridge), mlp, parts["fg_iou"], parts["class_acc_on_fg"], table)
