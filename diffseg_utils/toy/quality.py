@@ -86,29 +86,42 @@ def _mlp_report(f_tr: FeatureMaps, f_te: FeatureMaps, tr, te, seed: int) -> tupl
     return mean_iou(pred, te.labels, NUM_CLASSES), foreground_breakdown(pred, te.labels)
 
 
-def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, timesteps: tuple[int, ...] = (25, 100),
-                  at: tuple[str, int] | None = None, max_objects: int = 3, seed: int = 0) -> ProbeReport:
+VAL_START = 10_000
+"""Validation images (that pick the probe's place) are ``fewshot_test`` images from this index on,
+disjoint from the test images ``0 .. n_test - 1``."""
+
+
+def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_val: int = 20,
+                  timesteps: tuple[int, ...] = (25, 100), at: tuple[str, int] | None = None, max_objects: int = 3,
+                  seed: int = 0) -> ProbeReport:
     """The toy model's few-shot probe (notebook 00, issue target mIoU >= 0.60).
 
-    A closed-form ridge probe per up-block sub-module x ``timesteps``, fitted on ``n_train``
-    ``fewshot_train`` images and scored on ``n_test`` ``fewshot_test`` images; then one DDPM-Seg member
-    MLP trained on every labelled pixel at the best ``(block, t)`` of that sweep, or at ``at``
-    (to probe another backbone at the same place). ``max_objects`` < 3 renders simpler scenes.
+    A closed-form ridge probe per up-block sub-module x ``timesteps`` (a *place*), fitted on
+    ``n_train`` ``fewshot_train`` images and scored on ``n_val`` validation images
+    (:data:`VAL_START`), picks the place; there, the ridge probe and one DDPM-Seg member MLP
+    (trained on every labelled pixel) are scored on ``n_test`` held-out ``fewshot_test`` images.
+    ``at`` fixes the place instead (to probe another backbone where the first one was probed);
+    ``max_objects`` < 3 renders simpler scenes. ``table`` holds the validation sweep.
     """
     tr = render("fewshot_train", 0, n_train, max_objects=max_objects)
     te = render("fewshot_test", 0, n_test, max_objects=max_objects)
     ups = [b for b in backbone.blocks() if b.startswith("up_blocks") and ".upsamplers" not in b]
     kw = dict(blocks=ups, timesteps=list(timesteps), seed=seed, batch_size=16, progress=False)
-    f_tr, f_te = extract_features(backbone, tr.images, **kw), extract_features(backbone, te.images, **kw)
-    table = probe_grid(backbone, None, tr.labels, None, te.labels, ups, list(timesteps), num_classes=NUM_CLASSES,
-                       seed=seed, progress=False, train_features=f_tr, test_features=f_te)
-    block, t, ridge = table.best()
-    if at is not None:
-        block, t = at
-        if block not in table.blocks or t not in table.timesteps:
-            raise ValueError(f"at={at!r} is not a probed place; blocks: {table.blocks}, timesteps: {table.timesteps}")
-        ridge = float(table.miou[table.blocks.index(block), table.timesteps.index(t)])
-    mlp, parts = _mlp_report(f_tr.select([block], [t]), f_te.select([block], [t]), tr, te, seed)
+    f_tr = extract_features(backbone, tr.images, **kw)
+    if at is not None and (at[0] not in ups or at[1] not in timesteps):
+        raise ValueError(f"at={at!r} is not a probed place; blocks: {ups}, timesteps: {list(timesteps)}")
+    table = None
+    if n_val:
+        va = render("fewshot_test", VAL_START, n_val, max_objects=max_objects)
+        table = probe_grid(backbone, None, tr.labels, None, va.labels, ups, list(timesteps), num_classes=NUM_CLASSES,
+                           seed=seed, progress=False, train_features=f_tr,
+                           test_features=extract_features(backbone, va.images, **kw))
+    if at is None and table is None:
+        raise ValueError("give n_val > 0 (validation images pick the place) or a place at=(block, t)")
+    block, t = at if at is not None else table.best()[:2]
+    f_tr, f_te = f_tr.select([block], [t]), extract_features(backbone, te.images, **{**kw, "blocks": [block], "timesteps": [t]})
+    ridge = probe_features(f_tr, tr.labels, f_te, te.labels, NUM_CLASSES, seed=seed)
+    mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed)
     return ProbeReport(block, int(t), float(ridge), mlp, parts["fg_iou"], parts["class_acc_on_fg"], table)
 
 

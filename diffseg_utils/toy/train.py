@@ -243,14 +243,15 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
 
     Per checkpoint: prompt fidelity (``n_fidelity`` generations, the oracle) and the few-shot
     probe of notebook 00 (:func:`~diffseg_utils.toy.quality.fewshot_probe`); once: the same probe
-    on an untrained UNet and on raw RGB. Results accumulate in ``out/gates.json``.
+    on an untrained UNet (at its own best place) and on raw RGB. Results accumulate in ``out/gates.json``.
     """
     from ..backbones import load_backbone, untrained_like
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
     from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb, prompt_fidelity
 
-    protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance, "seed": seed}
+    protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance, "seed": seed,
+                "place": "best ridge probe on validation images"}
     path = out / "gates.json"
     rec = json.loads(path.read_text()) if path.exists() else {}
     if rec.get("protocol") != protocol:
@@ -258,7 +259,8 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
     base = load_backbone(str(out), device="cpu")
     oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle")
     if "untrained" not in rec:
-        rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
+        rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), n_train=n_probe, n_test=n_probe, n_val=n_probe,
+                                          seed=seed).as_dict()
         rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
     done = {r["step"] for r in rec["checkpoints"]}
     steps = {int(torch.load(c, map_location="cpu", weights_only=False)["step"]): c
@@ -267,7 +269,7 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
         t0 = time.time()
         bb = backbone_from_checkpoint(base, steps[step])
         fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance=guidance, num_steps=num_steps, seed=seed)
-        probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
+        probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed).as_dict()
         rec["checkpoints"].append({"step": step, "fidelity_all_found": fid["all_found"],
                                    "object_hit_rate": fid["object_hit_rate"], **{f"probe_{k}": v for k, v in probe.items()},
                                    "seconds": round(time.time() - t0, 1)})
