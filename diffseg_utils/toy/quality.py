@@ -62,9 +62,10 @@ def prompt_fidelity(backbone: Backbone, oracle, n: int = 64, *, guidance: float 
 
 @dataclass
 class ProbeReport:
-    """Few-shot probe of one feature source: the ridge sweep's best and one MLP member there.
+    """Few-shot probe of one feature source at one place ``(block, t)``.
 
-    ``mlp`` is the test mIoU of a DDPM-Seg member MLP at ``(block, t)``; ``fg_iou`` and
+    ``ridge`` and ``mlp`` are the test mIoU of the ridge probe and of a DDPM-Seg member MLP
+    there; ``table`` is the validation sweep that picked the place (None when it was given); ``fg_iou`` and
     ``class_acc_on_fg`` split its error into finding objects and naming them
     (:func:`~diffseg_utils.metrics.foreground_breakdown`).
     """
@@ -101,25 +102,29 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
     (:data:`VAL_START`), picks the place; there, the ridge probe and one DDPM-Seg member MLP
     (trained on every labelled pixel) are scored on ``n_test`` held-out ``fewshot_test`` images.
     ``at`` fixes the place instead (to probe another backbone where the first one was probed);
-    ``max_objects`` < 3 renders simpler scenes. ``table`` holds the validation sweep.
+    ``max_objects`` < 3 renders simpler scenes. ``table`` holds the validation sweep (none with ``at``).
     """
     tr = render("fewshot_train", 0, n_train, max_objects=max_objects)
     te = render("fewshot_test", 0, n_test, max_objects=max_objects)
     ups = [b for b in backbone.blocks() if b.startswith("up_blocks") and ".upsamplers" not in b]
-    kw = dict(blocks=ups, timesteps=list(timesteps), seed=seed, batch_size=16, progress=False)
-    f_tr = extract_features(backbone, tr.images, **kw)
     if at is not None and (at[0] not in ups or at[1] not in timesteps):
         raise ValueError(f"at={at!r} is not a probed place; blocks: {ups}, timesteps: {list(timesteps)}")
+    if at is None and not n_val:
+        raise ValueError("give n_val > 0 (validation images pick the place) or a place at=(block, t)")
+    kw = dict(seed=seed, batch_size=16, progress=False)
     table = None
-    if n_val:
+    if at is None:  # sweep every place on validation images, then keep the best one's train features
+        f_tr = extract_features(backbone, tr.images, ups, list(timesteps), **kw)
         va = render("fewshot_test", VAL_START, n_val, max_objects=max_objects)
         table = probe_grid(backbone, None, tr.labels, None, va.labels, ups, list(timesteps), num_classes=NUM_CLASSES,
                            seed=seed, progress=False, train_features=f_tr,
-                           test_features=extract_features(backbone, va.images, **kw))
-    if at is None and table is None:
-        raise ValueError("give n_val > 0 (validation images pick the place) or a place at=(block, t)")
-    block, t = at if at is not None else table.best()[:2]
-    f_tr, f_te = f_tr.select([block], [t]), extract_features(backbone, te.images, **{**kw, "blocks": [block], "timesteps": [t]})
+                           test_features=extract_features(backbone, va.images, ups, list(timesteps), **kw))
+        block, t = table.best()[:2]
+        f_tr = f_tr.select([block], [t])
+    else:
+        block, t = at  # all timesteps in one UNet call, as the sweep does, so the features match it exactly
+        f_tr = extract_features(backbone, tr.images, [block], list(timesteps), **kw).select([block], [t])
+    f_te = extract_features(backbone, te.images, [block], [t], **kw)
     ridge = probe_features(f_tr, tr.labels, f_te, te.labels, NUM_CLASSES, seed=seed)
     mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed)
     return ProbeReport(block, int(t), float(ridge), mlp, parts["fg_iou"], parts["class_acc_on_fg"], table)
