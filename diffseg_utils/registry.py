@@ -13,6 +13,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 TOY_SD_DIR = DATA_DIR / "toy-sd"
 TOY_TRAIN_COMMAND = "python -m diffseg_utils.toy.train --out data/toy-sd"
+TOY_FACES_DIR = DATA_DIR / "toy-faces-ddpm"
+TOY_FACES_TRAIN_COMMAND = "python -m diffseg_utils.toy.train --world faces --out data/toy-faces-ddpm"
+PAPER_PROMPT_TEMPLATE = "a photograph of a {}"
+"""Grounded Diffusion's prompt template (Li et al., 2023), used by backbones that do not define their own."""
 
 
 @dataclass(frozen=True)
@@ -22,10 +26,17 @@ class RegistryEntry:
     source: str
     kind: str  # "latent" (Stable Diffusion style) or "pixel" (DDPM / ADM style)
     note: str = ""
+    prompt_template: str = PAPER_PROMPT_TEMPLATE  # how a class name becomes a prompt (text-conditional models)
+    dataset: str | None = None  # the dataset the model was trained on / is meant for, when there is one
 
 
 REGISTRY: dict[str, RegistryEntry] = {
-    "toy": RegistryEntry(str(TOY_SD_DIR), "latent", "tiny SD trained on the toy world, shipped in data/toy-sd"),
+    # the toy SD was trained on captions "a photo of a ..." only: "photograph" is an untrained token for it
+    "toy": RegistryEntry(str(TOY_SD_DIR), "latent", "tiny SD trained on the toy shapes world, shipped in data/toy-sd",
+                         prompt_template="a photo of a {}", dataset="toy-shapes"),
+    "toy-faces-ddpm": RegistryEntry(str(TOY_FACES_DIR), "pixel",
+                                    "tiny unconditional pixel DDPM trained on the toy faces world, shipped in "
+                                    "data/toy-faces-ddpm", dataset="toy-faces"),
     "sd-1.4": RegistryEntry("CompVis/stable-diffusion-v1-4", "latent"),
     "sd-1.5": RegistryEntry("stable-diffusion-v1-5/stable-diffusion-v1-5", "latent"),
     "sd-2.1-base": RegistryEntry("stabilityai/stable-diffusion-2-1-base", "latent"),

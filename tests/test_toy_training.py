@@ -88,3 +88,83 @@ def test_missing_toy_model_names_the_training_command(tmp_path, monkeypatch):
     (tmp_path / "toy-sd" / "model_index.json").write_text("{not json")
     with pytest.raises(WeightsNotAvailableError, match="python -m diffseg_utils.toy.train"):
         load_backbone("toy")
+
+
+def _weights(path):
+    st = torch.load(path, weights_only=True)
+    return st["ema"], st.get("unet")
+
+
+@pytest.mark.slow
+def test_pixel_ddpm_resumed_run_equals_uninterrupted(tmp_path):
+    """Killed at step 4 and resumed, the faces DDPM reaches the very weights of a run that never
+    stopped: the noise generator's state is checkpointed, the data is fixed by the step."""
+    from diffseg_utils.toy.models import PIXEL_MICRO
+    from diffseg_utils.toy.train import train_pixel_ddpm
+
+    kw = dict(cfg=PIXEL_MICRO, steps=8, batch=4, lr=1e-3, log_every=2)
+    (tmp_path / "a").mkdir()
+    train_pixel_ddpm(tmp_path / "a", **kw)
+    (tmp_path / "b").mkdir()
+    train_pixel_ddpm(tmp_path / "b", stop_at=4, **kw)
+    assert torch.load(tmp_path / "b" / "ddpm.pt", weights_only=True)["step"] == 4
+    train_pixel_ddpm(tmp_path / "b", **kw)
+    a, b = _weights(tmp_path / "a" / "ddpm.pt"), _weights(tmp_path / "b" / "ddpm.pt")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a stop that restarted the noise stream (the old behaviour) would land elsewhere
+    (tmp_path / "c").mkdir()
+    train_pixel_ddpm(tmp_path / "c", stop_at=4, **kw)
+    st = torch.load(tmp_path / "c" / "ddpm.pt", weights_only=True)
+    st["rng"] = torch.Generator().manual_seed(99).get_state()
+    torch.save(st, tmp_path / "c" / "ddpm.pt")
+    train_pixel_ddpm(tmp_path / "c", **kw)
+    c = _weights(tmp_path / "c" / "ddpm.pt")
+    assert any(not torch.equal(a[0][k], c[0][k]) for k in a[0])
+
+
+@pytest.mark.slow
+def test_unet_resumed_run_equals_uninterrupted(tmp_path):
+    """The same for the text-to-image UNet stage (noise generator and caption RNG checkpointed)."""
+    from diffseg_utils.toy import train
+
+    work = tmp_path / "w"
+    train.main(["--config", "micro", "--work", str(work), "--out", str(tmp_path / "o"), "--stage", "vae",
+                "--vae-steps", "2", "--vae-batch", "2"])
+    train.main(["--config", "micro", "--work", str(work), "--out", str(tmp_path / "o"), "--stage", "latents",
+                "--num-latents", "16"])
+    cfg = train.MICRO
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "latents.pt").write_bytes((work / "latents.pt").read_bytes())
+    train.train_unet(tmp_path / "a", cfg, steps=6, batch=4, lr=1e-3, log_every=2)
+    train.train_unet(tmp_path / "b", cfg, steps=6, batch=4, lr=1e-3, log_every=2, stop_at=2)
+    train.train_unet(tmp_path / "b", cfg, steps=6, batch=4, lr=1e-3, log_every=2)
+    a, b = _weights(tmp_path / "a" / "unet.pt"), _weights(tmp_path / "b" / "unet.pt")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_micro_faces_training_exports_and_gates(tmp_path):
+    """ddpm -> export (a DDPMPipeline directory) -> gate, on the micro pixel config."""
+    from diffusers import DDPMPipeline
+
+    from diffseg_utils.toy import train
+    from diffseg_utils.toy.oracle import train as train_oracle
+
+    out, work = tmp_path / "faces", tmp_path / "work"
+    train.main(["--world", "faces", "--config", "micro", "--work", str(work), "--out", str(out), "--ddpm-steps", "4",
+                "--ddpm-batch", "2"])
+    bb = load_backbone(str(out), device="cpu")
+    assert bb.kind == "pixel" and bb.resolution == 16
+    img = DDPMPipeline.from_pretrained(out)(batch_size=1, num_inference_steps=2, output_type="np",
+                                           generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 16, 16, 3)
+    train_oracle(tmp_path / "oracle", steps=2, batch=2, width=4, eval_every=100, world="faces")
+    from diffseg_utils.toy.gates import gate_pixel
+
+    rec = gate_pixel(work, out, train.PIXEL_MICRO, n_probe=2, n_samples=2, oracle_dir=tmp_path / "oracle",
+                     timesteps=(50,))
+    assert [r["step"] for r in rec["checkpoints"]] == [4]
+    assert {"samples_all_found", "probe_mlp", "probe_block"} <= set(rec["checkpoints"][0])
+    assert rec["rgbxy"]["block"] == "rgbxy" and rec["rgb"]["block"] == "rgb"

@@ -83,3 +83,48 @@ def build_scheduler():
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
                          steps_offset=1)
+
+
+@dataclass
+class PixelDDPMConfig:
+    """The tiny unconditional pixel DDPM of the faces world (DDPM-Seg's setting, scaled down).
+
+    A diffusers ``UNet2DModel`` on 64x64 RGB: levels 64, 32, 16, 8 with self-attention at 8 only
+    (attention at 64 or 32 would dominate the CPU cost). (16, 32, 64, 96) measured 0.57 s per
+    training step at batch 32 on the 2 CPU cores; 1.8 M parameters.
+    """
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    layers_per_block: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, False, True)
+    head_dim: int = 16
+    norm_groups: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PIXEL_MICRO = PixelDDPMConfig(image_size=16, channels=(8, 16), attention_levels=(False, True), head_dim=8,
+                              norm_groups=8)
+"""A micro pixel configuration for smoke tests (seconds on CPU)."""
+
+
+def build_pixel_unet(cfg: PixelDDPMConfig):
+    from diffusers import UNet2DModel
+
+    att = cfg.attention_levels
+    return UNet2DModel(
+        sample_size=cfg.image_size, in_channels=3, out_channels=3, block_out_channels=cfg.channels,
+        layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_groups, attention_head_dim=cfg.head_dim,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in att),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(att)),
+    )
+
+
+def build_pixel_scheduler():
+    """DDPM's / ADM's linear schedule (betas 1e-4..0.02, 1000 steps, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                         prediction_type="epsilon", clip_sample=True)

@@ -28,6 +28,31 @@ from ..metrics import confusion_matrix, iou_per_class
 from .world import CATEGORIES, NUM_CLASSES, render
 
 
+def _faces(split: str, start: int, count: int):
+    from .faces import render_faces
+
+    return render_faces(split, start, count)
+
+
+WORLDS: dict[str, tuple] = {
+    # world -> (render(split, start, count) with .images / .labels, class names without background)
+    "shapes": (render, CATEGORIES),
+    "faces": (_faces, None),  # names filled in lazily below (avoids importing faces at import time)
+}
+
+
+def world_spec(world: str) -> tuple:
+    """``(render, class_names)`` of a toy world ("shapes" or "faces")."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; valid: {sorted(WORLDS)}")
+    fn, names = WORLDS[world]
+    if names is None:
+        from .faces import PARTS
+
+        names = PARTS
+    return fn, tuple(names)
+
+
 @dataclass
 class SegmenterOutput:
     """Per-category masks and confidence scores for a batch of images."""
@@ -78,8 +103,8 @@ class OracleSegmenter:
         if not f.exists():
             raise FileNotFoundError(f"no oracle segmenter at {f}; train it with "
                                     f"`python -m diffseg_utils.toy.oracle --out {path}`")
-        st = torch.load(f, map_location=device, weights_only=False)
-        net = OracleNet(st["width"]).to(device)
+        st = torch.load(f, map_location=device, weights_only=True)  # tensors, ints and strings only: runs no code
+        net = OracleNet(st["width"], len(st["class_names"]) + 1).to(device)
         net.load_state_dict(st["model"])
         return cls(net, tuple(st["class_names"]))
 
@@ -110,32 +135,39 @@ class OracleSegmenter:
 
 
 @torch.no_grad()
-def procedural_confusion(predict_labels, n: int, split: str = "oracle_test", chunk: int = 250) -> torch.Tensor:
+def procedural_confusion(predict_labels, n: int, split: str = "oracle_test", chunk: int = 250,
+                         world: str = "shapes") -> torch.Tensor:
     """Confusion matrix (world class ids, background 0) of ``predict_labels`` — (N, 3, H, W) images in [-1, 1]
     -> (N, H, W) labels — against the exact labels of the first ``n`` images of a procedural split."""
-    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    draw, names = world_spec(world)
+    k = len(names) + 1
+    cm = torch.zeros(k, k, dtype=torch.long)
     for s in range(0, n, chunk):
-        b = render(split, s, min(chunk, n - s))
+        b = draw(split, s, min(chunk, n - s))
         x = torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        cm += confusion_matrix(predict_labels(x).cpu(), torch.from_numpy(b.labels), NUM_CLASSES, ignore_index=None)
+        cm += confusion_matrix(predict_labels(x).cpu(), torch.from_numpy(b.labels), k, ignore_index=None)
     return cm
 
 
-def evaluate(seg: OracleSegmenter, n: int = 500, split: str = "oracle_test", chunk: int = 250) -> float:
+def evaluate(seg: OracleSegmenter, n: int = 500, split: str = "oracle_test", chunk: int = 250,
+             world: str = "shapes") -> float:
     """mIoU (background included) on ``n`` held-out procedural images."""
-    return float(np.nanmean(iou_per_class(procedural_confusion(seg.predict_labels, n, split, chunk)).numpy()))
+    cm = procedural_confusion(seg.predict_labels, n, split, chunk, world)
+    return float(np.nanmean(iou_per_class(cm).numpy()))
 
 
 def train(out: Path, steps: int = 3000, batch: int = 32, lr: float = 2e-3, width: int = 24, seed: int = 0,
-          eval_every: int = 500) -> float:
+          eval_every: int = 500, world: str = "shapes") -> float:
+    """Train (or resume) the oracle of a toy world on its ``oracle`` split; returns held-out mIoU."""
+    draw, names = world_spec(world)
     out.mkdir(parents=True, exist_ok=True)
     ck = out / "oracle_ckpt.pt"
     torch.manual_seed(seed)
-    net = OracleNet(width)
+    net = OracleNet(width, len(names) + 1)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     start = 0
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         net.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start = st["step"]
@@ -145,7 +177,7 @@ def train(out: Path, steps: int = 3000, batch: int = 32, lr: float = 2e-3, width
         net.train()
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        b = render("oracle", step * batch, batch)
+        b = draw("oracle", step * batch, batch)
         x = torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 127.5 - 1
         y = torch.from_numpy(b.labels).long()
         loss = F.cross_entropy(net(x), y)
@@ -155,13 +187,13 @@ def train(out: Path, steps: int = 3000, batch: int = 32, lr: float = 2e-3, width
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             net.eval()
-            miou = evaluate(OracleSegmenter(net), n=250)
+            miou = evaluate(OracleSegmenter(net, names), n=250, world=world)
             bar.set_postfix(loss=f"{loss.item():.3f}", miou=f"{miou:.3f}")
             torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ck)
     net.eval()
-    miou = evaluate(OracleSegmenter(net), n=500)
-    torch.save({"model": net.state_dict(), "width": width, "class_names": list(CATEGORIES)}, out / "oracle.pt")
-    (out / "oracle.json").write_text(json.dumps({"test_miou": miou, "steps": steps, "batch": batch, "lr": lr,
+    miou = evaluate(OracleSegmenter(net, names), n=500, world=world)
+    torch.save({"model": net.state_dict(), "width": width, "class_names": list(names)}, out / "oracle.pt")
+    (out / "oracle.json").write_text(json.dumps({"world": world, "test_miou": miou, "steps": steps, "batch": batch, "lr": lr,
                                                  "width": width, "cpu_seconds_last_run": time.process_time() - t0},
                                                 indent=1))
     return miou
@@ -175,10 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=24)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--world", default="shapes", choices=sorted(WORLDS))
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    miou = train(a.out, a.steps, a.batch, a.lr, a.width)
+    miou = train(a.out, a.steps, a.batch, a.lr, a.width, world=a.world)
     print(f"oracle test mIoU (500 held-out images): {miou:.4f}")
 
 

@@ -82,9 +82,19 @@ class ProbeReport:
         return {k: v for k, v in asdict(self).items() if k != "table"}
 
 
-def _mlp_report(f_tr: FeatureMaps, f_te: FeatureMaps, tr, te, seed: int) -> tuple[float, dict]:
-    pred = mlp_probe_predict(f_tr, tr.labels, f_te, NUM_CLASSES, seed=seed).cpu()
-    return mean_iou(pred, te.labels, NUM_CLASSES), foreground_breakdown(pred, te.labels)
+def _mlp_report(f_tr: FeatureMaps, f_te: FeatureMaps, tr, te, seed: int, k: int = NUM_CLASSES) -> tuple[float, dict]:
+    pred = mlp_probe_predict(f_tr, tr.labels, f_te, k, seed=seed).cpu()
+    return mean_iou(pred, te.labels, k), foreground_breakdown(pred, te.labels)
+
+
+def _draw(world: str, split: str, start: int, n: int, max_objects: int, size: int = 64):
+    if world == "shapes":
+        return render(split, start, n, max_objects=max_objects, size=size)
+    from .faces import render_faces
+
+    if world != "faces":
+        raise ValueError(f"unknown toy world {world!r}; valid: 'shapes', 'faces'")
+    return render_faces(split, start, n, size=size)
 
 
 VAL_START = 10_000
@@ -94,7 +104,7 @@ disjoint from the test images ``0 .. n_test - 1``."""
 
 def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_val: int = 20,
                   timesteps: tuple[int, ...] = (25, 100), at: tuple[str, int] | None = None, max_objects: int = 3,
-                  seed: int = 0) -> ProbeReport:
+                  seed: int = 0, world: str = "shapes") -> ProbeReport:
     """The toy model's few-shot probe (notebook 00, issue target mIoU >= 0.60).
 
     A closed-form ridge probe per up-block sub-module x ``timesteps`` (a *place*), fitted on
@@ -103,9 +113,14 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
     (trained on every labelled pixel) are scored on ``n_test`` held-out ``fewshot_test`` images.
     ``at`` fixes the place instead (to probe another backbone where the first one was probed);
     ``max_objects`` < 3 renders simpler scenes. ``table`` holds the validation sweep (none with ``at``).
+    ``world`` is the toy world the images come from ("shapes" or "faces").
     """
-    tr = render("fewshot_train", 0, n_train, max_objects=max_objects)
-    te = render("fewshot_test", 0, n_test, max_objects=max_objects)
+    from .oracle import world_spec
+
+    k = len(world_spec(world)[1]) + 1
+    size = backbone.resolution
+    tr = _draw(world, "fewshot_train", 0, n_train, max_objects, size)
+    te = _draw(world, "fewshot_test", 0, n_test, max_objects, size)
     ups = [b for b in backbone.blocks() if b.startswith("up_blocks") and ".upsamplers" not in b]
     if at is not None and (at[0] not in ups or at[1] not in timesteps):
         raise ValueError(f"at={at!r} is not a probed place; blocks: {ups}, timesteps: {list(timesteps)}")
@@ -115,8 +130,8 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
     table = None
     if at is None:  # sweep every place on validation images, then keep the best one's train features
         f_tr = extract_features(backbone, tr.images, ups, list(timesteps), **kw)
-        va = render("fewshot_test", VAL_START, n_val, max_objects=max_objects)
-        table = probe_grid(backbone, None, tr.labels, None, va.labels, ups, list(timesteps), num_classes=NUM_CLASSES,
+        va = _draw(world, "fewshot_test", VAL_START, n_val, max_objects, size)
+        table = probe_grid(backbone, None, tr.labels, None, va.labels, ups, list(timesteps), num_classes=k,
                            seed=seed, progress=False, train_features=f_tr,
                            test_features=extract_features(backbone, va.images, ups, list(timesteps), **kw))
         block, t = table.best()[:2]
@@ -125,20 +140,27 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
         block, t = at  # all timesteps in one UNet call, as the sweep does, so the features match it exactly
         f_tr = extract_features(backbone, tr.images, [block], list(timesteps), **kw).select([block], [t])
     f_te = extract_features(backbone, te.images, [block], [t], **kw)
-    ridge = probe_features(f_tr, tr.labels, f_te, te.labels, NUM_CLASSES, seed=seed)
-    mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed)
+    ridge = probe_features(f_tr, tr.labels, f_te, te.labels, k, seed=seed)
+    mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed, k)
     return ProbeReport(block, int(t), float(ridge), mlp, parts["fg_iou"], parts["class_acc_on_fg"], table)
 
 
-def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int = 3, seed: int = 0) -> ProbeReport:
-    """:func:`fewshot_probe` on raw pixel colours (the floor every feature must beat)."""
-    tr = render("fewshot_train", 0, n_train, max_objects=max_objects)
-    te = render("fewshot_test", 0, n_test, max_objects=max_objects)
-    as_maps = lambda b: rgb_features(torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 255)  # noqa: E731
+def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int = 3, seed: int = 0,
+                      world: str = "shapes", position: bool = False, size: int = 64) -> ProbeReport:
+    """:func:`fewshot_probe` on raw pixel colours (the floor every feature must beat);
+    ``position=True`` adds the pixel's (x, y) (:func:`~diffseg_utils.baselines.rgbxy_features`)."""
+    from ..baselines import rgbxy_features
+    from .oracle import world_spec
+
+    k = len(world_spec(world)[1]) + 1
+    tr = _draw(world, "fewshot_train", 0, n_train, max_objects, size)
+    te = _draw(world, "fewshot_test", 0, n_test, max_objects, size)
+    feat = rgbxy_features if position else rgb_features
+    as_maps = lambda b: feat(torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 255)  # noqa: E731
     f_tr, f_te = as_maps(tr), as_maps(te)
-    ridge = probe_features(f_tr, tr.labels, f_te, te.labels, NUM_CLASSES, seed=seed)
-    mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed)
-    return ProbeReport("rgb", 0, ridge, mlp, parts["fg_iou"], parts["class_acc_on_fg"])
+    ridge = probe_features(f_tr, tr.labels, f_te, te.labels, k, seed=seed)
+    mlp, parts = _mlp_report(f_tr, f_te, tr, te, seed, k)
+    return ProbeReport("rgbxy" if position else "rgb", 0, ridge, mlp, parts["fg_iou"], parts["class_acc_on_fg"])
 
 
 def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Backbone:
@@ -147,7 +169,7 @@ def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Back
     ``checkpoint`` is a ``unet.pt`` / ``unet_<step>.pt`` written by the ``unet`` stage of
     ``python -m diffseg_utils.toy.train``; VAE, tokenizer and scheduler are shared.
     """
-    st = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    st = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(st, dict) or "ema" not in st or "step" not in st:
         raise ValueError(f"{checkpoint} is not a UNet checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
     unet, text = copy.deepcopy(backbone.unet), copy.deepcopy(backbone.text_encoder)

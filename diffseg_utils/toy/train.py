@@ -29,10 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..metrics import psnr
-from .models import MICRO, ToySDConfig, build_scheduler, build_text_encoder, build_unet, build_vae
+
+from .models import (MICRO, PIXEL_MICRO, PixelDDPMConfig, ToySDConfig, build_pixel_scheduler, build_pixel_unet,
+                     build_scheduler, build_text_encoder, build_unet, build_vae)
 from .tokenizer import build_tokenizer
 from .world import CATEGORIES, caption_for, render
 
@@ -62,11 +65,11 @@ def train_vae(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, d
     vae = build_vae(cfg)
     start = 0
     if decoder_only:
-        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["model"])
     params = [p for n, p in vae.named_parameters() if not decoder_only or n.startswith(("decoder", "post_quant"))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         vae.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start = st["step"]
@@ -109,11 +112,11 @@ def cache_latents(work: Path, cfg: ToySDConfig, n: int, chunk: int = 256, export
     Uses ``work/vae.pt``, or the exported pipeline's VAE (same encoder) when that is gone.
     """
     out = work / "latents.pt"
-    if out.exists() and torch.load(out, weights_only=False)["mean"].shape[0] >= n:
+    if out.exists() and torch.load(out, weights_only=True)["mean"].shape[0] >= n:
         return
     vae = build_vae(cfg)
     if (work / "vae.pt").exists():
-        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["model"])
     elif exported is not None and (exported / "vae").is_dir():
         from diffusers import AutoencoderKL
 
@@ -145,14 +148,19 @@ def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) ->
 
 
 def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, ema_decay: float = 0.999,
-               p_drop: float = 0.1, snr_gamma: float = 5.0, log_every: int = 200, init_from: Path | None = None) -> None:
+               p_drop: float = 0.1, snr_gamma: float = 5.0, log_every: int = 200, init_from: Path | None = None,
+               stop_at: int | None = None, seed: int = 0) -> None:
     """Train (or resume) the UNet and text encoder on cached latents.
 
-    Resumes from ``work/unet.pt``; without it, from an exported pipeline ``init_from`` (its EMA
-    weights, a fresh optimiser) so training can continue on a machine that lost the checkpoints.
+    Resumes from ``work/unet.pt`` with every random state (noise generator, caption RNG), so an
+    interrupted and resumed run reaches the same weights as one that never stopped; without it,
+    from an exported pipeline ``init_from`` (its EMA weights, a fresh optimiser) so training can
+    continue on a machine that lost the checkpoints. ``stop_at`` ends the run early at that step
+    (checkpointed), as an interruption would.
     """
-    data = torch.load(work / "latents.pt", weights_only=False)
+    data = torch.load(work / "latents.pt", weights_only=True)
     tok = build_tokenizer(work / "tokenizer", model_max_length=cfg.max_tokens)
+    torch.manual_seed(seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
     unet = build_unet(cfg)
     text = build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
     sched = build_scheduler()
@@ -160,13 +168,14 @@ def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = {"unet": copy.deepcopy(unet.state_dict()), "text": copy.deepcopy(text.state_dict())}
     ck = work / "unet.pt"
-    start = 0
+    start, rng_state = 0, None
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         unet.load_state_dict(st["unet"])
         text.load_state_dict(st["text"])
         opt.load_state_dict(st["opt"])
         ema, start = st["ema"], st["step"]
+        rng_state = (st["rng"], json.loads(st["np_rng"])) if "rng" in st else None
     elif init_from is not None and (init_from / "unet").is_dir():
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -178,6 +187,9 @@ def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, 
         print(f"continuing from the exported weights in {init_from} (step {start})")
     g = torch.Generator().manual_seed(4321 + start)
     rng = np.random.default_rng(4321 + start)
+    if rng_state is not None:  # continue the very same random streams
+        g.set_state(rng_state[0])
+        rng.bit_generator.state = rng_state[1]
     abar = sched.alphas_cumprod
     snr = abar / (1 - abar)
     weight = torch.clamp(snr, max=snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
@@ -211,9 +223,84 @@ def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, 
         bar.set_postfix(loss=f"{run_loss:.4f}")
         if (step + 1) % log_every == 0 or step + 1 == steps:
             _log(work, {"stage": "unet", "step": step + 1, "loss": run_loss})
-            _save(ck, unet=unet.state_dict(), text=text.state_dict(), opt=opt.state_dict(), ema=ema, step=step + 1)
+            _save(ck, unet=unet.state_dict(), text=text.state_dict(), opt=opt.state_dict(), ema=ema, step=step + 1,
+                  rng=g.get_state(), np_rng=json.dumps(rng.bit_generator.state))
             if (step + 1) % (log_every * 10) == 0:
                 _save(work / f"unet_{step + 1}.pt", ema=ema, step=step + 1)
+        if stop_at is not None and step + 1 >= stop_at:
+            break
+
+
+def train_pixel_ddpm(work: Path, cfg: PixelDDPMConfig, steps: int, batch: int, lr: float, ema_decay: float = 0.999,
+                     log_every: int = 200, keep_every: int = 1000, min_lr: float = 0.1,
+                     stop_at: int | None = None, seed: int = 0) -> None:
+    """Train (or resume) the unconditional pixel DDPM on faces rendered on the fly.
+
+    Epsilon loss at uniform t (DDPM's simple loss), AdamW, 200 warm-up steps then a cosine decay
+    to ``min_lr`` x ``lr`` at ``steps``, EMA weights. Batch ``s`` is faces
+    ``s * batch ...`` of the ``generator`` split; the noise comes from a generator whose state is
+    checkpointed, so a resumed run reaches the same weights as an uninterrupted one. ``stop_at``
+    ends the run early at that step (checkpointed), as an interruption would.
+    """
+    from .faces import render_faces
+
+    torch.manual_seed(seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
+    unet, sched = build_pixel_unet(cfg), build_pixel_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    ema = copy.deepcopy(unet.state_dict())
+    g = torch.Generator().manual_seed(2024)
+    ck, start = work / "ddpm.pt", 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=True)
+        if st["config"] != cfg.to_dict():
+            raise ValueError(f"{ck} was trained with config {st['config']}, not {cfg.to_dict()}; use another --work")
+        unet.load_state_dict(st["unet"])
+        opt.load_state_dict(st["opt"])
+        ema, start = st["ema"], int(st["step"])
+        g.set_state(st["rng"])
+    lr_at = lambda s: lr * min(1.0, (s + 1) / 200) * (min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    bar = tqdm(range(start, steps), desc="pixel ddpm", initial=start, total=steps)
+    run_loss = None
+    for step in bar:
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step)
+        x0 = _to_tensor(render_faces("generator", step * batch, batch, size=cfg.image_size).images)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(unet(sched.add_noise(x0, eps, t), t).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        if (step + 1) % 20 == 0 or step + 1 == steps:  # a host sync every 20 steps, not every step
+            run_loss = loss.item() if run_loss is None else 0.8 * run_loss + 0.2 * loss.item()
+            bar.set_postfix(loss=f"{run_loss:.4f}")
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            _log(work, {"stage": "ddpm", "step": step + 1, "loss": run_loss, "lr": lr_at(step)})
+            _save(ck, unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step + 1, rng=g.get_state(),
+                  config=cfg.to_dict())
+            if (step + 1) % keep_every == 0:
+                _save(work / f"ddpm_{step + 1}.pt", ema=ema, step=step + 1, config=cfg.to_dict())
+        if stop_at is not None and step + 1 >= stop_at:
+            break
+
+
+def export_pixel(work: Path, out: Path, cfg: PixelDDPMConfig, ckpt: Path | None = None) -> None:
+    """Write the diffusers ``DDPMPipeline`` directory (UNet2DModel with the EMA weights + DDPMScheduler)."""
+    from diffusers import DDPMPipeline
+
+    unet = build_pixel_unet(cfg)
+    st = torch.load(ckpt or work / "ddpm.pt", weights_only=True)
+    unet.load_state_dict(st["ema"])
+    out.mkdir(parents=True, exist_ok=True)
+    DDPMPipeline(unet=unet, scheduler=build_pixel_scheduler()).save_pretrained(str(out), safe_serialization=True)
+    (out / "training_state.json").write_text(json.dumps({"step": int(st["step"]), "world": "faces",
+                                                         "config": cfg.to_dict()}, indent=1))
 
 
 def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = None) -> None:
@@ -222,12 +309,12 @@ def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = Non
 
     tok = build_tokenizer(work / "tokenizer", model_max_length=cfg.max_tokens)
     vae = build_vae(cfg)
-    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["model"])
     if (work / "vae_dec.pt").exists():
-        vae.load_state_dict(torch.load(work / "vae_dec.pt", weights_only=False)["model"])
-    vae.register_to_config(scaling_factor=torch.load(work / "latents.pt", weights_only=False)["scaling"])
+        vae.load_state_dict(torch.load(work / "vae_dec.pt", weights_only=True)["model"])
+    vae.register_to_config(scaling_factor=torch.load(work / "latents.pt", weights_only=True)["scaling"])
     unet, text = build_unet(cfg), build_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
-    st = torch.load(unet_ckpt or work / "unet.pt", weights_only=False)
+    st = torch.load(unet_ckpt or work / "unet.pt", weights_only=True)
     unet.load_state_dict(st["ema"]["unet"])
     text.load_state_dict(st["ema"]["text"])
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=build_scheduler(),
@@ -263,7 +350,7 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
                                           seed=seed).as_dict()
         rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
     done = {r["step"] for r in rec["checkpoints"]}
-    steps = {int(torch.load(c, map_location="cpu", weights_only=False)["step"]): c
+    steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c
              for c in [*work.glob("unet_*.pt"), work / "unet.pt"] if c.exists()}
     for step in tqdm(sorted(set(steps) - done), desc="gate"):
         t0 = time.time()
@@ -285,8 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("data/toy-sd"), help="pipeline directory to write")
     p.add_argument("--work", type=Path, default=Path("~/.cache/diffseg/toy-train").expanduser(),
                    help="checkpoints and cached latents (kept out of git)")
-    p.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "decoder", "export", "gate"])
+    p.add_argument("--world", default="shapes", choices=["shapes", "faces"],
+                   help="shapes: the text-to-image latent SD; faces: the unconditional pixel DDPM (stages ddpm, export, gate)")
+    p.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "decoder", "ddpm", "export", "gate"])
     p.add_argument("--config", default="default", choices=["default", "micro"])
+    p.add_argument("--ddpm-steps", type=int, default=9000)
+    p.add_argument("--ddpm-batch", type=int, default=32)
+    p.add_argument("--ddpm-lr", type=float, default=1e-3)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -303,15 +395,27 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    cfg = MICRO if a.config == "micro" else ToySDConfig()
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
+    if a.world == "faces":
+        pcfg = PIXEL_MICRO if a.config == "micro" else PixelDDPMConfig()
+        if a.stage in ("all", "ddpm"):
+            train_pixel_ddpm(a.work, pcfg, a.ddpm_steps, a.ddpm_batch, a.ddpm_lr, seed=a.seed)
+        if a.stage in ("all", "export"):
+            export_pixel(a.work, a.out, pcfg)
+        if a.stage == "gate":
+            from .gates import gate_pixel
+
+            gate_pixel(a.work, a.out, pcfg, n_probe=a.gate_probe, seed=a.seed)
+        print(f"done; CPU time of this run: {time.process_time() - t0:.0f} s")
+        return
+    cfg = MICRO if a.config == "micro" else ToySDConfig()
     if a.stage in ("all", "vae"):
         train_vae(a.work, cfg, a.vae_steps, a.vae_batch, a.vae_lr)
     if a.stage in ("all", "latents"):
         cache_latents(a.work, cfg, a.num_latents, exported=a.out)
     if a.stage in ("all", "unet"):
-        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr, init_from=a.out)
+        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr, init_from=a.out, seed=a.seed)
     if a.stage in ("all", "decoder") and a.decoder_steps:
         train_vae(a.work, cfg, a.decoder_steps, a.vae_batch, a.vae_lr / 2, decoder_only=True)
     if a.stage in ("all", "export"):

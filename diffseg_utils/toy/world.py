@@ -131,6 +131,13 @@ def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     return bg + amp * tex[..., None]
 
 
+def _blur(imgs: np.ndarray) -> np.ndarray:
+    """A soft camera blur (separable [1, 2, 1] / 4) of (N, H, W, 3) floats: anti-aliased edges."""
+    pad = np.pad(imgs, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    imgs = 0.25 * pad[:, :-2] + 0.5 * pad[:, 1:-1] + 0.25 * pad[:, 2:]
+    return 0.25 * imgs[:, :, :-2] + 0.5 * imgs[:, :, 1:-1] + 0.25 * imgs[:, :, 2:]
+
+
 def render(split: str, start: int, count: int, *, size: int = IMAGE_SIZE,
            max_objects: int = 3, categories: tuple[int, ...] | None = None) -> ToyBatch:
     """Render images ``start … start+count-1`` of a named split.
@@ -208,9 +215,5 @@ def render(split: str, start: int, count: int, *, size: int = IMAGE_SIZE,
         classes[i] = visible
         captions.append(caption_for([CATEGORIES[c - 1] for c in visible]))
 
-    # a soft camera blur (separable [1, 2, 1] / 4): anti-aliased edges, as photographs have
-    pad = np.pad(imgs, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    imgs = 0.25 * pad[:, :-2] + 0.5 * pad[:, 1:-1] + 0.25 * pad[:, 2:]
-    imgs = 0.25 * imgs[:, :, :-2] + 0.5 * imgs[:, :, 1:-1] + 0.25 * imgs[:, :, 2:]
-    images = (np.clip(imgs, 0, 1) * 255 + 0.5).astype(np.uint8)
+    images = (np.clip(_blur(imgs), 0, 1) * 255 + 0.5).astype(np.uint8)
     return ToyBatch(images=images, labels=labels, classes=classes, captions=captions)

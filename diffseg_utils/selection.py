@@ -1,0 +1,99 @@
+"""Choosing where to read features (blocks and timesteps) from data — on validation images only.
+
+DDPM-Seg fixes its blocks and timesteps per dataset from a per-(block, t) analysis (paper,
+Fig. 2–4). :func:`choose_places` is that analysis as one call: a closed-form ridge probe per
+(block, t) is fitted on labelled *training* images and scored on *validation* images; the best
+place and a small concatenation around it are returned. The test images a number is reported on
+never enter the choice.
+
+>>> choice = choose_places(bb, train.images, train.labels, val.images, val.labels,
+...                        timesteps=[25, 50, 100, 200], num_classes=11)
+>>> choice.blocks, choice.timesteps          # feed FewShotSegmenter(bb, choice.blocks, choice.timesteps, ...)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .features import FeatureMaps, extract_features
+from .probes import ProbeTable, probe_grid
+
+
+def decoder_blocks(backbone: Backbone) -> list[str]:
+    """Every hookable sub-module of the UNet's decoder (``up_blocks.*``) except the upsamplers,
+    in forward order: the candidates DDPM-Seg's analysis sweeps."""
+    return [n for n in backbone.blocks() if n.startswith("up_blocks") and ".upsamplers" not in n]
+
+
+@dataclass
+class PlaceChoice:
+    """The outcome of :func:`choose_places`.
+
+    ``table``: validation mIoU of a ridge probe per (block, t) (``table.miou`` is (blocks, timesteps));
+    ``best_block`` / ``best_t`` / ``best_miou``: its best single place;
+    ``blocks`` / ``timesteps``: the concatenation to use (the ``n_blocks`` best distinct blocks at
+    ``best_t``, and ``best_t`` with its neighbours in the sweep).
+    """
+
+    table: ProbeTable = field(repr=False)
+    best_block: str
+    best_t: int
+    best_miou: float
+    blocks: list[str]
+    timesteps: list[int]
+
+
+def _distinct_best(table: ProbeTable, feats: FeatureMaps, t: int, n: int) -> list[str]:
+    """The ``n`` best blocks at ``t`` whose outputs differ (a block and its last sub-layer can be equal)."""
+    j = list(table.timesteps).index(t)
+    chosen: list[str] = []
+    for i in np.argsort(-table.miou[:, j], kind="stable"):
+        b = table.blocks[i]
+        if not any(torch.equal(feats.maps[(t, b)], feats.maps[(t, c)]) for c in chosen):
+            chosen.append(b)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def choose_places(backbone: Backbone | None, train_images, train_labels, val_images, val_labels, *,
+                  timesteps: Sequence[int], num_classes: int, blocks: Sequence[str | int] | None = None,
+                  n_blocks: int = 3, n_timesteps: int = 3, per_class: int = 2000, seed: int = 0,
+                  batch_size: int = 16, progress: bool = True, train_features: FeatureMaps | None = None,
+                  val_features: FeatureMaps | None = None) -> PlaceChoice:
+    """Pick blocks and timesteps for DDPM-Seg features on labelled validation images.
+
+    images: anything :func:`~diffseg_utils.prepare_images` accepts (N, H, W, 3 uint8 arrays, PIL images, ...);
+    labels: (N, H, W) integer class maps at the features' image size, 255 = ignore.
+    ``blocks`` defaults to :func:`decoder_blocks`; ``timesteps`` is the sweep. Pass precomputed
+    ``train_features`` / ``val_features`` (extracted at ``blocks`` x ``timesteps``) to skip extraction;
+    then ``backbone`` may be None.
+    """
+    if backbone is None and (train_features is None or val_features is None):
+        raise ValueError("give a backbone, or both train_features and val_features")
+    if n_blocks < 1 or n_timesteps < 1:
+        raise ValueError(f"n_blocks and n_timesteps must be >= 1; got {n_blocks}, {n_timesteps}")
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps:
+        raise ValueError("timesteps is empty; give the noise levels to sweep, e.g. [25, 50, 100, 200]")
+    if blocks is None:
+        if backbone is None:
+            blocks = list(dict.fromkeys(b for _, b in train_features.keys()))
+        else:
+            blocks = decoder_blocks(backbone)
+    kw = dict(seed=seed, batch_size=batch_size, progress=progress)
+    f_tr = train_features or extract_features(backbone, train_images, list(blocks), timesteps, **kw)
+    f_va = val_features or extract_features(backbone, val_images, list(blocks), timesteps, **kw)
+    table = probe_grid(backbone, None, train_labels, None, val_labels, list(f_tr.blocks), timesteps,
+                       num_classes=num_classes, per_class=per_class, seed=seed, progress=False,
+                       train_features=f_tr, test_features=f_va)
+    best_block, best_t, best = table.best()
+    j = timesteps.index(int(best_t))
+    lo = max(0, min(j - (n_timesteps - 1) // 2, len(timesteps) - n_timesteps))
+    combo_t = timesteps[lo:lo + n_timesteps]
+    return PlaceChoice(table, best_block, int(best_t), float(best), _distinct_best(table, f_tr, int(best_t), n_blocks),
+                       sorted(combo_t))

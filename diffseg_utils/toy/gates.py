@@ -1,0 +1,101 @@
+"""Quality gates of the faces world's pixel DDPM: sample plausibility and the few-shot probe gap.
+
+``python -m diffseg_utils.toy.train --world faces --stage gate`` measures every
+``ddpm_<step>.pt`` (and ``ddpm.pt``) in ``--work`` into ``<out>/gates.json``:
+
+* **plausibility**: unconditional DDIM samples, judged by the faces oracle
+  (``data/oracle-faces``): the share of samples in which it finds every main part
+  (:data:`MAIN_PARTS`, each at least ``min_pixels`` pixels);
+* **probe**: :func:`~diffseg_utils.toy.quality.fewshot_probe` on the faces world (ridge sweep on
+  validation images picks the place; one DDPM-Seg member MLP on 20 labelled images, scored on 20
+  test images), and once the same probe on an untrained UNet, raw RGB and RGB + (x, y).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import Backbone
+from .faces import PARTS
+
+MAIN_PARTS: tuple[str, ...] = ("skin", "left eye", "right eye", "nose", "mouth")
+"""The parts every plausible face sample must show."""
+
+
+def pixel_backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Backbone:
+    """``backbone`` (a pixel DDPM) with the EMA UNet weights of a ``ddpm*.pt`` training checkpoint."""
+    st = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(st, dict) or "ema" not in st or "step" not in st:
+        raise ValueError(f"{checkpoint} is not a pixel-DDPM checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
+    unet = copy.deepcopy(backbone.unet)
+    try:
+        unet.load_state_dict(st["ema"])
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
+    return Backbone(unet=unet, scheduler=backbone.scheduler, name=f"{backbone.name} @ step {int(st['step'])}",
+                    device=backbone.device, dtype=backbone.dtype)
+
+
+@torch.no_grad()
+def sample_plausibility(backbone: Backbone, oracle, n: int = 32, *, num_steps: int = 50, seed: int = 0,
+                        min_pixels: int = 4, batch_size: int = 32) -> dict:
+    """Share of ``n`` unconditional samples in which the oracle finds every part of :data:`MAIN_PARTS`.
+
+    Also the per-part hit rate. Samples: DDIM, ``num_steps`` steps, seeds ``seed .. seed + n - 1``.
+    """
+    from ..sampling import generate
+
+    ids = torch.tensor([PARTS.index(p) + 1 for p in MAIN_PARTS])
+    found = []
+    for s in range(0, n, batch_size):
+        imgs = generate(backbone, min(batch_size, n - s), num_steps=num_steps, guidance=1.0, seed=seed + s)
+        lab = oracle.predict_labels(imgs).cpu()
+        area = torch.stack([(lab == int(c)).sum((1, 2)) for c in ids], 1)
+        found.append(area >= min_pixels)
+    hit = torch.cat(found).float()
+    return {"all_found": float(hit.all(1).float().mean()), "n": n, "num_steps": num_steps,
+            **{f"found_{p.replace(' ', '_')}": float(h) for p, h in zip(MAIN_PARTS, hit.mean(0))}}
+
+
+def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int = 32, seed: int = 0,
+               timesteps: tuple[int, ...] = (25, 50, 150), oracle_dir: Path | None = None) -> dict:
+    """Measure every pixel-DDPM checkpoint in ``work`` against the pipeline in ``out`` (see module doc)."""
+    from ..backbones import load_backbone, untrained_like
+    from ..registry import DATA_DIR
+    from .oracle import OracleSegmenter
+    from .quality import fewshot_probe, fewshot_probe_rgb
+
+    protocol = {"n_probe": n_probe, "n_samples": n_samples, "seed": seed, "timesteps": list(timesteps),
+                "place": "best ridge probe on validation images", "main_parts": list(MAIN_PARTS)}
+    path = out / "gates.json"
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    if rec.get("protocol") != protocol:
+        rec = {"protocol": protocol, "checkpoints": []}
+    base = load_backbone(str(out), device="cpu")
+    oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle-faces")
+    probe_kw = dict(n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed, world="faces", timesteps=timesteps)
+    if "untrained" not in rec:
+        rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), **probe_kw).as_dict()
+        rgb_kw = dict(n_train=n_probe, n_test=n_probe, seed=seed, world="faces", size=base.resolution)
+        rec["rgb"] = fewshot_probe_rgb(**rgb_kw).as_dict()
+        rec["rgbxy"] = fewshot_probe_rgb(**rgb_kw, position=True).as_dict()
+        path.write_text(json.dumps(rec, indent=1))
+    done = {r["step"] for r in rec["checkpoints"]}
+    steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c
+             for c in [*work.glob("ddpm_*.pt"), work / "ddpm.pt"] if c.exists()}
+    for step in tqdm(sorted(set(steps) - done), desc="gate"):
+        t0 = time.time()
+        bb = pixel_backbone_from_checkpoint(base, steps[step])
+        plaus = sample_plausibility(bb, oracle, n=n_samples, seed=seed)
+        probe = fewshot_probe(bb, **probe_kw).as_dict()
+        rec["checkpoints"].append({"step": step, **{f"samples_{k}": v for k, v in plaus.items()},
+                                   **{f"probe_{k}": v for k, v in probe.items()}, "seconds": round(time.time() - t0, 1)})
+        rec["checkpoints"].sort(key=lambda r: r["step"])
+        path.write_text(json.dumps(rec, indent=1))
+    path.write_text(json.dumps(rec, indent=1))
+    return rec
