@@ -1,8 +1,15 @@
-"""Segmentation metrics: dataset mIoU (DDPM-Seg's accumulation), pixel accuracy, Hungarian mIoU.
+"""Segmentation metrics: dataset mIoU, pixel accuracy, Hungarian mIoU.
 
-mIoU accumulates intersection and union per class over the whole set (not a mean of
-per-image scores) and skips ``ignore_index``; classes absent from both prediction and ground
-truth do not count.
+Every mIoU here accumulates intersection and union per class over the whole set (not a mean of
+per-image scores). Two conventions differ in which classes enter the mean:
+
+* :func:`mean_iou` (default ``absent="skip"``, used by this repo's probes and internal checks):
+  pixels whose ground truth is ``ignore_index`` are removed first; a class absent from both the
+  prediction and the ground truth of the whole set has no IoU and is left out of the mean.
+  ``absent="count"`` keeps every class ``0 .. num_classes - 1`` except ``ignore_index`` in the mean,
+  an absent one scoring 0.
+* :func:`ddpmseg_miou`: exactly DDPM-Seg's ``compute_iou`` (``src/pixel_classifier.py`` of
+  yandex-research/ddpm-segmentation), for numbers compared with the paper's.
 """
 from __future__ import annotations
 
@@ -32,9 +39,101 @@ def iou_per_class(cm: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan")))
 
 
-def mean_iou(pred, gt, num_classes: int, ignore_index: int | None = 255) -> float:
-    """Dataset mIoU: intersections and unions accumulated over all images, then averaged over classes."""
-    return float(np.nanmean(iou_per_class(confusion_matrix(pred, gt, num_classes, ignore_index)).numpy()))
+ABSENT_MODES = ("skip", "count")
+
+
+def miou_from_confusion(cm: torch.Tensor, *, ignore_index: int | None = None, absent: str = "skip") -> float:
+    """mIoU from a (K, K) confusion matrix (rows ground truth, columns prediction); see :func:`mean_iou`.
+
+    A class ``ignore_index`` inside ``0 .. K - 1`` is not a class to score and never enters the mean.
+    """
+    if absent not in ABSENT_MODES:
+        raise ValueError(f"absent must be one of {ABSENT_MODES}, got {absent!r}")
+    iou = iou_per_class(cm).numpy()
+    scored = np.ones(len(iou), bool)
+    if ignore_index is not None and 0 <= ignore_index < len(iou):
+        scored[ignore_index] = False
+    iou = iou[scored]
+    if absent == "count":
+        iou = np.nan_to_num(iou, nan=0.0)
+    if not np.isfinite(iou).any():
+        return float("nan")  # no class present anywhere (e.g. every pixel ignored)
+    return float(np.nanmean(iou))
+
+
+def mean_iou(pred, gt, num_classes: int, ignore_index: int | None = 255, *, absent: str = "skip") -> float:
+    """Dataset mIoU: intersections and unions accumulated over all images, then averaged over classes.
+
+    pred, gt: integer label maps of one shape (any, e.g. (N, H, W); numpy or torch); predictions in
+    ``0 .. num_classes - 1``, ground truth there or ``ignore_index``. Pixels whose ground truth is
+    ``ignore_index`` are removed before counting; a class ``ignore_index`` inside the class range is
+    not scored.
+
+    absent: what a class absent from *both* maps over the whole set counts as.
+        ``"skip"`` (default): nothing; it is left out of the mean (classes a set never shows do not
+        lower its score). ``"count"``: IoU 0; the mean is over every scored class, as DDPM-Seg's
+        ``compute_iou`` averages. (:func:`ddpmseg_miou` also keeps the ignored pixels, as that code does.)
+    """
+    return miou_from_confusion(confusion_matrix(pred, gt, num_classes, ignore_index), ignore_index=ignore_index,
+                               absent=absent)
+
+
+def ddpmseg_miou(preds, gts, num_classes: int, ignore_label: int | None, *, per_class: bool = False):
+    """DDPM-Seg's mIoU, as its official ``compute_iou`` computes it (for numbers read against the paper).
+
+    preds, gts: label maps of the whole test set: arrays or tensors (N, H, W) or sequences of
+    (H_i, W_i) maps, integers; ground truth in ``0 .. num_classes - 1`` or ``ignore_label``.
+
+    For every class ``c`` in ``0 .. num_classes - 1`` except ``ignore_label``, intersection
+    ``|pred == c & gt == c|`` and union ``|pred == c | gt == c|`` are summed over all pixels of all
+    images, and ``IoU_c = intersection / (union + 1e-8)``. The result is the mean of these IoUs:
+
+    * a class absent from both maps over the whole set counts, with IoU 0 (unlike
+      :func:`mean_iou`'s default);
+    * pixels whose ground truth is ``ignore_label`` are **not** removed: a prediction of class ``c``
+      there adds to ``c``'s union (a false positive). With Bedroom-28's ``ignore_label = 0`` this
+      scores the unlabelled background pixels against whatever class is predicted there;
+    * ``ignore_label = None`` (no ignore label, e.g. the toy worlds) scores every class.
+
+    Returns the mIoU (float), or with ``per_class=True`` ``(miou, ious)``: ``ious`` (num_classes,)
+    float64 numpy, NaN at ``ignore_label``. Counting runs on the inputs' device; one transfer at the end.
+    """
+    if isinstance(preds, (list, tuple)):
+        if len(preds) != len(gts):
+            raise ValueError(f"{len(preds)} predictions but {len(gts)} ground-truth maps")
+        preds = torch.cat([torch.as_tensor(np.asarray(p) if not isinstance(p, torch.Tensor) else p).reshape(-1)
+                           for p in preds]) if preds else torch.zeros(0, dtype=torch.long)
+        gts = torch.cat([torch.as_tensor(np.asarray(g) if not isinstance(g, torch.Tensor) else g).reshape(-1)
+                         for g in gts]) if gts else torch.zeros(0, dtype=torch.long)
+    pred = torch.as_tensor(preds)
+    gt = torch.as_tensor(gts).to(pred.device)
+    if pred.shape != gt.shape:
+        raise ValueError(f"predictions {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+    if pred.is_floating_point() or gt.is_floating_point():
+        raise TypeError("label maps must be integer class indices, not floats")
+    pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
+    k = num_classes
+    other = (gt < 0) | (gt >= k)
+    if ignore_label is not None:
+        bad = other & (gt != ignore_label)
+    else:
+        bad = other
+    if bad.any():
+        raise ValueError(f"ground-truth labels must be in [0, {k - 1}] or ignore_label={ignore_label}; got "
+                         f"{torch.unique(gt[bad])[:5].tolist()}")
+    if pred.numel() and (pred.min() < 0 or pred.max() >= k):
+        raise ValueError(f"predicted labels must be in [0, {k - 1}]; got {pred.min().item()}..{pred.max().item()}")
+    # ground truth outside the class range (the ignore label, e.g. 255) goes to an extra row k: it
+    # matches no class, but a prediction there still enters that class's union
+    gt = torch.where(other, torch.full_like(gt, k), gt)
+    cm = torch.bincount(gt * k + pred, minlength=(k + 1) * k).reshape(k + 1, k).cpu().numpy().astype(np.float64)
+    inter = np.diag(cm[:k])
+    union = cm.sum(0) + cm[:k].sum(1) - inter
+    ious = inter / (union + 1e-8)
+    if ignore_label is not None and 0 <= ignore_label < k:
+        ious[ignore_label] = np.nan
+    miou = float(np.nanmean(ious)) if np.isfinite(ious).any() else float("nan")
+    return (miou, ious) if per_class else miou
 
 
 def pixel_accuracy(pred, gt, ignore_index: int | None = 255) -> float:
