@@ -269,3 +269,27 @@ def test_backbone_preprocess(sd_tiny):
     assert x.shape == (1, 3, 64, 64) and x.dtype == sd_tiny.dtype
     x, geo = sd_tiny.preprocess(Image.new("RGB", (100, 80)), return_geometry=True)
     assert x.shape == (1, 3, 64, 64) and geo[0].image_size == (80, 100) and geo[0].resized == (51, 64)
+
+
+def test_method_outputs_come_back_at_the_input_size(sd_tiny):
+    """The call-site pattern on a non-square image (random weights: numbers meaningless): a method
+    prepares the images itself, ``geometry_of`` records the same placement, ``restore_labels`` maps its
+    model-grid output back; labels drawn on the image reach the features' grid via ``prepare_labels``."""
+    from diffseg_utils.emerdiff import emerdiff_segment
+    from diffseg_utils.features import extract_features
+    from diffseg_utils.probes import probe_features
+
+    img = (np.random.default_rng(0).uniform(size=(48, 80, 3)) * 255).astype(np.uint8)
+    geo = geometry_of(img, sd_tiny.resolution)
+    assert sd_tiny.preprocess(img, return_geometry=True)[1] == geo
+    res = emerdiff_segment(sd_tiny, img, num_segments=2, num_inference_steps=4, progress=False)
+    labels = restore_labels(res.pixels, geo)
+    assert labels.shape == (1, 48, 80) and labels.dtype == res.pixels.dtype
+    assert restore_labels(res.low_res, geo).shape == (1, 48, 80)      # the low-res segments too
+    assert restore_labels(res.diffs, geo).shape == (1, 2, 48, 80)     # and the per-segment scores
+    block = next(b for b in sd_tiny.blocks() if b.startswith("up_blocks"))
+    imgs = [img, img[:, ::-1].copy()]
+    fm = extract_features(sd_tiny, imgs, [block], [10], progress=False)
+    lab = prepare_labels([_blob_labels(48, 80)] * 2, geometry_of(imgs, sd_tiny.resolution), size=fm.image_size)
+    assert lab.shape == (2, *fm.image_size) and (lab == 255).any()   # the padding is ignored
+    assert 0.0 <= probe_features(fm, lab, fm, lab, 4) <= 1.0
