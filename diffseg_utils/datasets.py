@@ -54,6 +54,11 @@ import numpy as np
 
 from .registry import DATA_DIR
 
+__all__ = ["DATASETS", "DATASET_ALIASES", "DDPMSEG_DATASETS", "DDPMSEG_DOWNLOAD_URL", "DDPMSEG_ENV", "DatasetConfig",
+           "FileDataset", "IMAGE_SUFFIXES", "PROCEDURAL_SPLIT_SIZE", "ProceduralDataset", "Sample",
+           "SegmentationDataset", "SegmentationSplit", "TOY_FEWSHOT_DIR", "VALIDATION_START", "ignore_small_classes",
+           "list_datasets", "load_dataset", "load_split", "write_split"]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # ------------------------------------------------------------------------------ DDPM-Seg configs
@@ -408,13 +413,14 @@ class FileDataset(SegmentationDataset):
         if (self.label_files is None) != (class_names is None):
             raise ValueError("label maps and class names come together: give both or neither")
         self._size = size
-        sizes = set()
-        for f in self.image_files:  # PIL reads only the header here
+        self._hw = []  # (H, W) of each file; PIL reads only the header here
+        for f in self.image_files:
             try:
                 with Image.open(f) as im:
-                    sizes.add((im.height, im.width))
+                    self._hw.append((im.height, im.width))
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read image {f}: {e}") from None
+        sizes = set(self._hw)
         native = next(iter(sizes)) if len(sizes) == 1 else None
         if size is not None:
             nonsquare = [s for s in sizes if s[0] != s[1]]
@@ -423,9 +429,9 @@ class FileDataset(SegmentationDataset):
                                  f"{nonsquare[0][1]} (H x W); pass size=None to keep their own sizes")
             native = (size, size)
         super().__init__(name, split, len(self.image_files), class_names, ignore_index, native, source, config)
-        if validate and self.label_files is not None:
-            for i in range(len(self)):
-                self._read([i])
+        if validate and self.label_files is not None:  # every label map once: sizes and value ranges
+            for lf, hw in zip(self.label_files, self._hw):
+                _check_label(_read_label(lf), lf, hw, self.num_classes, self.ignore_index)
 
     def _read(self, indices):
         from PIL import Image
@@ -654,6 +660,9 @@ def _load_folder(root: Path, split: str | None, size: int | None, num_images: in
     d = root if split is None else root / split
     # 1. generic layout: images/ + masks/ + classes.json (here or in root)
     cj = next((p for p in (d / "classes.json", root / "classes.json") if p.is_file()), None)
+    if cj is not None and (d / "images").is_dir() and not (d / "masks").is_dir():
+        raise FileNotFoundError(f"{d} has images/ and {cj.name} but no masks/ folder: put each image's index mask in "
+                                "masks/<same stem>.png or .npy (or remove classes.json for an images-only set)")
     if (d / "images").is_dir() and (d / "masks").is_dir():
         if cj is None:
             raise FileNotFoundError(f"{d} has images/ and masks/ but no classes.json (here or in {root}); write "

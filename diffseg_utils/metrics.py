@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+__all__ = ["ABSENT_MODES", "confusion_matrix", "ddpmseg_miou", "foreground_breakdown", "hungarian_match",
+           "hungarian_miou", "iou_per_class", "mean_iou", "miou_from_confusion", "pixel_accuracy", "psnr"]
+
 
 def confusion_matrix(pred, gt, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
     """(num_classes x num_classes) counts, rows = ground truth, columns = prediction."""

@@ -262,6 +262,10 @@ def test_folder_errors(tmp_path):
         load_dataset(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no split folder"):
         load_dataset(tmp_path, split="test")
+    (tmp_path / "masks").rename(tmp_path / "labels")
+    with pytest.raises(FileNotFoundError, match="no masks/ folder"):
+        load_dataset(tmp_path)
+    (tmp_path / "labels").rename(tmp_path / "masks")
     (tmp_path / "classes.json").unlink()
     with pytest.raises(FileNotFoundError, match="no classes.json"):
         load_dataset(tmp_path)
