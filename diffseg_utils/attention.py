@@ -1,12 +1,14 @@
 """An attention processor that exposes what segmentation methods need, and finds layers by resolution.
 
-:class:`ControlledAttnProcessor` computes exactly what diffusers' classic ``AttnProcessor`` does
-(explicit softmax, so the probabilities exist), and optionally
+:class:`ControlledAttnProcessor` computes what diffusers' attention processors do (fused
+``scaled_dot_product_attention`` when no probabilities are needed; the classic explicit softmax
+when they are), and optionally
 
 * ``capture_query``: stores the query vectors ``to_q(norm(h))`` (EmerDiff's k-means input);
 * ``capture_probs``: stores the attention probabilities (cross-attention heat maps, DAAM);
 * ``inject_from``: uses batch element ``inject_from``'s probabilities for every element
-  (EmerDiff's attention injection: modulated runs reuse the unmodulated run's maps);
+  (EmerDiff's attention injection: modulated runs reuse the unmodulated run's maps); the one
+  ``(heads, N, L)`` map is computed once and broadcast, never copied per element;
 * ``add_output``: adds a tensor to the layer output after the output projection (EmerDiff's
   modulation), shaped like the output (``(B, N, C)`` tokens or ``(B, C, H, W)``) or broadcastable.
 
@@ -17,12 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .backbones import Backbone
 
 
 class ControlledAttnProcessor:
-    """diffusers' AttnProcessor math with capture / injection / output modulation switches."""
+    """diffusers' attention math with capture / injection / output modulation switches.
+
+    When no probabilities are needed (no ``capture_probs``, no ``inject_from``) it runs
+    :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels, the probabilities are
+    never materialised); otherwise the classic ``AttnProcessor`` math (explicit softmax).
+
+    Captured tensors: ``query`` ``(B, N, heads * d)`` in the layer's dtype (``to_q`` output, before
+    any q-norm); ``probs`` a list, one entry per call, ``(B * heads, N, L)`` — or, with
+    ``inject_from``, the single shared map ``(heads, N, L)`` every element used.
+    """
 
     def __init__(self, capture_query: bool = False, capture_probs: bool = False):
         self.capture_query = capture_query
@@ -32,6 +44,13 @@ class ControlledAttnProcessor:
         self.enabled = True          # False: behave exactly like the plain processor
         self.query: torch.Tensor | None = None
         self.probs: list[torch.Tensor] = []
+
+    @staticmethod
+    def _split(attn, x: torch.Tensor, norm) -> torch.Tensor:
+        """(B, N, heads * d) -> (B, heads, N, d), with the layer's q/k norm when it has one."""
+        b, n, _ = x.shape
+        x = x.view(b, n, attn.heads, -1).transpose(1, 2)
+        return norm(x) if norm is not None else x
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -43,31 +62,43 @@ class ControlledAttnProcessor:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch, seq = (hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)[:2]
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)  # (B * heads, 1 | N, L) or None
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        query = attn.to_q(hidden_states)                                            # (B, N, heads * d)
         if self.enabled and self.capture_query:
             self.query = query.detach()
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)                                      # (B, L, heads * d)
         value = attn.to_v(encoder_hidden_states)
         heads = attn.heads
+        B, N = query.shape[:2]
+        q = self._split(attn, query, getattr(attn, "norm_q", None))                 # (B, heads, N, d)
+        k = self._split(attn, key, getattr(attn, "norm_k", None))                   # (B, heads, L, d)
+        L, d = k.shape[2], k.shape[3]
         if self.enabled and self.inject_from is not None:
-            # probabilities of one element, reused by all: (heads, Q, K) -> (B * heads, Q, K)
+            # EmerDiff's attention injection: element i's probabilities, shared by every element. The
+            # batch is folded into value's columns, so the (heads, N, L) map is never copied B times.
             i = self.inject_from
-            q1 = attn.head_to_batch_dim(query[i:i + 1])
-            k1 = attn.head_to_batch_dim(key[i:i + 1])
             m1 = attention_mask[i * heads:(i + 1) * heads] if attention_mask is not None else None
-            probs = attn.get_attention_scores(q1, k1, m1).repeat(query.shape[0], 1, 1)
+            probs = attn.get_attention_scores(q[i].contiguous(), k[i].contiguous(), m1)   # (heads, N, L)
+            if self.capture_probs:
+                self.probs.append(probs.detach())
+            v = value.view(B, L, heads, d).permute(2, 1, 0, 3).reshape(heads, L, B * d)
+            out = torch.bmm(probs, v.to(probs.dtype))                               # (heads, N, B * d)
+            hidden_states = out.view(heads, N, B, d).permute(2, 1, 0, 3).reshape(B, N, heads * d)
+        elif self.enabled and self.capture_probs:
+            probs = attn.get_attention_scores(q.reshape(B * heads, N, d), k.reshape(B * heads, L, d), attention_mask)
+            self.probs.append(probs.detach())                                       # (B * heads, N, L)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(value)))
         else:
-            probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attention_mask)
-        if self.enabled and self.capture_probs:
-            self.probs.append(probs.detach())
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(value)))
+            v = value.view(B, L, heads, d).transpose(1, 2)                          # (B, heads, L, d)
+            mask = attention_mask.view(B, heads, -1, L) if attention_mask is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scale)
+            hidden_states = out.transpose(1, 2).reshape(B, N, heads * d).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
