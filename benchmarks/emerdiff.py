@@ -6,9 +6,13 @@ Prints, in one run on the same image, K and noise:
      modulated] at t_m, then its own denoising), and the speed-up (goal >= 3x on CPU);
   2. UNet evaluations per image against the method's minimum (1 k-means pass + 1 unmodulated
      pass for attention injection + 2K runs x denoising steps);
-  3. that both give the same images (max abs difference).
+  3. that both give the same images (max abs difference);
+  4. k-means on the image's low-resolution queries: inertia of one k-means++ start and of the
+     default best-of-restarts, each over scikit-learn's ``KMeans(n_init=10)`` (goal <= 1.02);
+  5. on CUDA, peak memory of EmerDiff with all 2K images decoded in one VAE batch vs the default
+     ``decode_batch_size`` (the difference maps are reduced chunk by chunk).
 
-    python benchmarks/emerdiff.py [--backbone toy] [--segments 6]
+    python benchmarks/emerdiff.py [--backbone toy] [--segments 6] [--device cuda]
 """
 from __future__ import annotations
 
@@ -18,8 +22,50 @@ import time
 import torch
 
 from diffseg_utils import load_backbone
-from diffseg_utils.emerdiff import _denoise_timesteps, emerdiff_segment, reference_modulated_run
+from diffseg_utils.attention import ControlledAttnProcessor
+from diffseg_utils.emerdiff import _denoise_timesteps, emerdiff_segment, kmeans, reference_modulated_run
+from diffseg_utils.hooks import AttentionProcessors
 from diffseg_utils.toy.world import render
+
+
+def _inertia(x: torch.Tensor, labels: torch.Tensor) -> float:
+    x = x.double().cpu()
+    labels = labels.cpu()
+    return sum(float(((x[labels == k] - x[labels == k].mean(0)) ** 2).sum()) for k in labels.unique())
+
+
+def kmeans_report(bb, img, segments: int, query_layer: str) -> None:
+    """Item 4: k-means restarts against scikit-learn on the image's query vectors at t_f = 1."""
+    z0 = bb.encode(bb.preprocess(img))
+    cap = ControlledAttnProcessor(capture_query=True)
+    with AttentionProcessors(bb.unet, {query_layer: cap}):
+        bb.unet_forward(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))), 1)
+    q = cap.query[0]
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        print("k-means: scikit-learn not installed, comparison skipped")
+        return
+    ref = KMeans(segments, n_init=10, random_state=0).fit(q.double().cpu().numpy()).inertia_
+    one = _inertia(q, kmeans(q, segments, n_init=1)[0]) / ref
+    best = _inertia(q, kmeans(q, segments)[0]) / ref
+    print(f"k-means inertia / scikit-learn KMeans(n_init=10) on {tuple(q.shape)} queries: one start {one:.3f}, "
+          f"default restarts {best:.3f}  (goal <= 1.02)")
+
+
+def decode_memory_report(bb, img, segments: int, steps: int) -> None:
+    """Item 5: peak CUDA memory with one decode batch of 2K images vs the default chunks."""
+    if bb.device.type != "cuda":
+        print("decode memory: measured on CUDA only (run with --device cuda)")
+        return
+    peaks = {}
+    for name, b in (("one batch", 2 * segments), ("default chunks", None)):
+        kw = {} if b is None else {"decode_batch_size": b}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        emerdiff_segment(bb, img, segments, num_inference_steps=steps, progress=False, **kw)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+    print("peak CUDA memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
 
 
 def main() -> None:
@@ -27,8 +73,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="toy")
     ap.add_argument("--segments", type=int, default=6)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--device", default=None)
     a = ap.parse_args()
-    bb = load_backbone(a.backbone)
+    bb = load_backbone(a.backbone, device=a.device)
     img = render("eval", 0, 1).images
     kw = dict(num_inference_steps=a.steps, return_images=True, progress=False)
     emerdiff_segment(bb, img, a.segments, **kw)  # warm-up
@@ -57,6 +104,8 @@ def main() -> None:
     print(f"UNet evaluations per image: batched {res.unet_evals_per_image:.0f}, loop {loop_evals}, "
           f"method minimum {res.min_unet_evals_per_image}")
     print(f"max |batched - loop| over all modulated images: {worst:.2e}")
+    kmeans_report(bb, img, a.segments, res.extra["query_layer"])
+    decode_memory_report(bb, img, a.segments, a.steps)
 
 
 if __name__ == "__main__":

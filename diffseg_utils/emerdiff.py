@@ -63,8 +63,8 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 30, n_init: int 
     x: (P, C) float points. Returns labels (P,) int64 and centres (k, C) in x's dtype, from the
     restart with the lowest inertia (sum of squared distances to the assigned centre). All restarts
     run together as one batched computation; distances are computed in float32 for half-precision
-    input (x's dtype otherwise). The random draws come from a CPU generator seeded with ``seed``
-    and are moved to the device once; the loops never synchronise with the host (a fixed
+    input (x's dtype otherwise). The random draws come from a generator on x's device seeded with
+    ``seed`` (so labels may differ between devices); nothing synchronises with the host (a fixed
     ``iters`` Lloyd steps: a converged assignment is a fixed point, so extra steps change nothing).
     """
     if x.ndim != 2 or not x.is_floating_point():
@@ -86,7 +86,8 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 30, n_init: int 
     # with probability proportional to the squared distance to the nearest centre so far (inverse CDF:
     # the first point whose cumulative weight exceeds u * total)
     trials = 2 + int(math.log(k))
-    u = torch.rand(n_init, k, trials, generator=torch.Generator().manual_seed(seed)).to(x.device, cdt)
+    g = torch.Generator(device=x.device).manual_seed(seed)  # drawn where x lives: no transfer, no sync
+    u = torch.rand(n_init, k, trials, generator=g, device=x.device, dtype=cdt)
     first = (u[:, 0, 0] * P).long().clamp_max(P - 1)                                 # (n,)
     centres = [xf[first]]                                                             # each (n, C)
     d2 = sqdist(centres[0][:, None])[..., 0]                                          # (n, P)
@@ -106,8 +107,8 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 30, n_init: int 
         c = torch.where(counts > 0, onehot.transpose(1, 2) @ xf / counts.clamp_min(1), c)  # empty: keep
     d = sqdist(c)
     dmin, labels = d.min(2)                                                           # (n, P)
-    best = dmin.sum(1).argmin()
-    return labels[best], c[best].to(x.dtype)
+    best = dmin.sum(1).argmin().view(1)                                               # stays on the device
+    return labels.index_select(0, best)[0], c.index_select(0, best)[0].to(x.dtype)
 
 
 def gaussian_blur(x: torch.Tensor, kernel: int = 5, sigma: float = 3.0) -> torch.Tensor:

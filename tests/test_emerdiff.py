@@ -301,3 +301,34 @@ def test_image_change_concentrates_inside_the_perturbed_segment():
         inside = sum(float(d[k][region == k].mean()) for k in ks)
         outside = sum(float(d[k][region != k].mean()) for k in ks)
         assert inside / outside > 1.75, (i, inside / outside)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kmeans_ddim_step_and_injection_do_not_sync_on_cuda():
+    """float16 on CUDA: k-means, the DDIM step and the attention processor never wait for the device."""
+    from diffusers import DDIMScheduler
+    from diffusers.models.attention_processor import Attention
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(256, 64, generator=g) + 3 * torch.randn(10, 64, generator=g).repeat(26, 1)[:256]).to(dev, torch.float16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    attn = Attention(query_dim=64, heads=4, dim_head=16).to(dev, torch.float16).eval()
+    p = ControlledAttnProcessor()
+    h = torch.randn(8, 256, 64, device=dev, dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        labels, centres = kmeans(x, 10)
+        z = ddim_step(sched, torch.randn_like(h[:2, None]), 281, 261, h[:2, None])
+        with torch.no_grad():
+            attn.set_processor(p)
+            a = attn(h)
+            p.inject_from = 0
+            b = attn(h)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert labels.device.type == "cuda" and centres.dtype == torch.float16 and z.dtype == torch.float16
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    ref = kmeans(x.float().cpu(), 10)[0]
+    assert _inertia(x.float().cpu(), labels.cpu()) <= 1.02 * _inertia(x.float().cpu(), ref)
