@@ -4,18 +4,21 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from diffseg_utils import load_backbone
-from diffseg_utils.grounding.data import (MAX_CLASSES, GroundingShards, MissingShardsError, SegmenterLabeler,
-                                          export_segmentation_dataset, load_segmentation_dataset, sample_prompt,
-                                          sample_seed, synthesize, to_uint8, write_index)
+from diffseg_utils.grounding.export import export_segmentation_dataset, load_segmentation_dataset
 from diffseg_utils.grounding.features import GeneratedBatch, generate_with_features
-from diffseg_utils.registry import DATA_DIR, REPO_ROOT
-from diffseg_utils.toy.oracle import OracleSegmenter, SegmenterOutput
+from diffseg_utils.grounding.labelers import SegmenterLabeler
+from diffseg_utils.grounding.prompts import MAX_CLASSES, PAPER_TEMPLATE, prompt_template, sample_prompt, sample_seed
+from diffseg_utils.grounding.segmenter import SegmenterOutput
+from diffseg_utils.grounding.shards import GroundingShards, MissingShardsError, synthesize, to_uint8, write_index
+from diffseg_utils.registry import REPO_ROOT
+from diffseg_utils.toy import grounding_defaults as toy_defaults
 from diffseg_utils.toy.world import SEEN_CATEGORIES
 
 TINY = dict(num_steps=2, guidance=5.0, progress=False)
@@ -38,7 +41,7 @@ def toy():
 
 @pytest.fixture(scope="module")
 def oracle_labeler():
-    return SegmenterLabeler(OracleSegmenter.load(DATA_DIR / "oracle"))  # named "oracle", as the CLI's
+    return SegmenterLabeler(toy_defaults.oracle_segmenter())  # named "oracle", as the CLI's
 
 
 class CountingLabeler:
@@ -109,7 +112,7 @@ def test_shards_hold_what_generate_with_features_returns(toy, oracle_labeler, tm
                seed=5, **TINY)
     data = GroundingShards(tmp_path)
     assert len(data) == 4 and data.seeds.tolist() == [sample_seed(5, i) for i in range(4)]
-    prompts = [sample_prompt(classes, i, 5)[0] for i in range(4)]
+    prompts = [sample_prompt(classes, i, 5, prompt_template(toy))[0] for i in range(4)]
     assert data.prompts == prompts
     ref = generate_with_features(toy, prompts, num_steps=2, guidance=5.0, seed=data.seeds.tolist())
     assert data.timestep == ref.timestep
@@ -208,20 +211,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _burn_cpu(seconds: float) -> subprocess.Popen:
+    """A busy-looping process at the lowest priority: load on the CPU that barely slows other jobs."""
+    code = f"import os, time; os.nice(19); end = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
 @pytest.mark.slow
 def test_accelerate_two_processes_equal_one(toy, oracle_labeler, tmp_path):
     # accelerate's --cpu starts ONE process (no mpirun here); --multi_gpu starts torchrun workers and
-    # the script asks for CPU processes itself when there is no GPU
+    # the script asks for CPU processes itself when there is no GPU. Busy CPUs (the burner, plus
+    # whatever else runs) made rank 1 write a shard before rank 0 wrote the manifest: writes are now
+    # ordered by a barrier, so this holds under load.
     out = tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "diffseg_utils.grounding.synth",
-           "--backbone", "toy", "--out", str(out), "--num-samples", "4", "--shard-size", "1", "--num-steps", "2",
-           "--guidance", "5.0", "--seed", "7", "--classes", "seen", "--labeler", "oracle", "--no-progress"]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+           "--backbone", "toy", "--defaults", "diffseg_utils.toy.grounding_defaults", "--out", str(out),
+           "--num-samples", "4", "--shard-size", "1", "--num-steps", "2", "--guidance", "5.0", "--seed", "7",
+           "--classes", "seen", "--labeler", "oracle", "--no-progress"]
+    burner = _burn_cpu(120)
+    try:
+        res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        burner.kill()
+        burner.wait()
+    # stdout and stderr of both ranks (the launcher forwards them): a failure shows every traceback
+    assert res.returncode == 0, f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-8000:]}"
     index = json.loads((out / "index.json").read_text())
     assert index["num_shards"] == 4 and [s["rank"] for s in index["shards"]] == [0, 1, 0, 1]
     two = GroundingShards(out)
@@ -243,8 +261,124 @@ def test_accelerate_two_processes_equal_one(toy, oracle_labeler, tmp_path):
         assert torch.equal(one.features[r], two.features[r]), r
 
 
+def test_failing_rank_names_itself_and_its_error(tmp_path):
+    # a rank that fails says which one and why (before, its peer's gloo connection error was all one saw)
+    code = ("import torch, accelerate\nfrom diffseg_utils.grounding import synth\n"
+            "class S:\n process_index, num_processes, is_main_process, device = 1, 2, False, torch.device('cpu')\n"
+            " def wait_for_everyone(self): pass\n"
+            "accelerate.PartialState = lambda cpu: S()\n"
+            f"synth.main(['--backbone', 'toy', '--out', {str(tmp_path)!r}, '--num-samples', '2', '--classes', 'star',"
+            " '--labeler', 'nosuch'])")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert err.returncode != 0
+    assert "[rank 1/2] FAILED: ValueError: --labeler 'nosuch' is not known" in err.stderr, err.stderr[-3000:]
+    assert "Traceback" in err.stderr
+
+
+class ManifestWitness:
+    """Wraps a labeler; records whether the manifest existed each time it labels (just before a shard is written)."""
+
+    def __init__(self, inner, out_dir):
+        self.inner, self.out_dir, self.config = inner, out_dir, inner.config
+        self.segmenter = inner.segmenter  # the same manifest entry (weights fingerprint) as the labeler it wraps
+        self.saw_manifest = []
+        self.called = threading.Event()
+
+    def __call__(self, batch, names):
+        self.saw_manifest.append((self.out_dir / "manifest.json").exists())
+        self.called.set()
+        return self.inner(batch, names)
+
+
+def test_rank_one_never_writes_a_shard_before_the_manifest(toy, oracle_labeler, tmp_path):
+    """Rank 1 starting first (a busy machine) waits for rank 0's manifest instead of writing shards.
+
+    Before the writes were ordered, rank 1 labelled and wrote shard 1 at once, and rank 0 then
+    refused the directory ("holds shards but no manifest.json").
+    """
+    kw = dict(num_samples=2, class_names=list(SEEN_CATEGORIES), shard_size=1, seed=3, world_size=2, **TINY)
+    witness, errors = ManifestWitness(oracle_labeler, tmp_path), []
+
+    def rank1():
+        try:
+            synthesize(toy, witness, tmp_path, rank=1, manifest_timeout=120, **kw)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=rank1)
+    t.start()
+    witness.called.wait(timeout=2.0)  # an unordered rank 1 labels (then writes) right away
+    synthesize(toy, oracle_labeler, tmp_path, rank=0, **kw)
+    t.join(120)
+    assert not errors, errors
+    assert witness.saw_manifest == [True], "rank 1 labelled a shard before rank 0 wrote manifest.json"
+    assert len(GroundingShards(tmp_path)) == 2
+    # with a barrier, rank 0 checks the manifest before the barrier: a bad directory fails before any rank writes
+    calls = []
+    with pytest.raises(ValueError, match="seed: 3 in the manifest, 4 now"):
+        synthesize(toy, oracle_labeler, tmp_path, rank=0, barrier=lambda: calls.append(1), **{**kw, "seed": 4})
+    assert calls == []
+
+
+def test_template_comes_from_the_backbone_and_is_recorded(toy, oracle_labeler, tmp_path, monkeypatch):
+    assert prompt_template(object()) == PAPER_TEMPLATE == "a photograph of a {}"
+    monkeypatch.setattr(toy, "prompt_template", "a photo of a {}", raising=False)
+    assert prompt_template(toy) == "a photo of a {}"
+    kw = dict(num_samples=2, class_names=["star", "ring"], shard_size=2, seed=0, **TINY)
+    synthesize(toy, oracle_labeler, tmp_path, **kw)
+    data = GroundingShards(tmp_path, features=False)
+    assert data.manifest["template"] == "a photo of a {}"
+    assert all(p.startswith("a photo of a ") for p in data.prompts)
+    # data made with another template is refused, naming the field
+    monkeypatch.setattr(toy, "prompt_template", PAPER_TEMPLATE)
+    with pytest.raises(ValueError, match="template: 'a photo of a {}' in the manifest, 'a photograph of a {}' now"):
+        synthesize(toy, oracle_labeler, tmp_path, **kw)
+    with pytest.raises(ValueError, match="slot"):
+        synthesize(toy, oracle_labeler, tmp_path / "bad", template="a photo", **kw)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux) to read the RSS")
+def test_shards_are_read_lazily(tmp_path):
+    """Opening a dataset maps its shards instead of reading them: memory does not grow with its features."""
+    from diffseg_utils.grounding.shards import MANIFEST, _save_shard, shard_path
+
+    n, per, res = 4, 8, 64                          # 4 shards of 8 samples, 64 ch at 64x64 fp16: 16 MiB each
+    manifest = {"num_samples": n * per, "shard_size": per, "class_names": ["a", "b"], "labeler": {"name": "x"}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for k in range(n):
+        f = torch.randn(per, 256, res, res, generator=g).to(torch.float16)
+        feats.append(f)
+        _save_shard({"images": torch.zeros(per, 3, 8, 8, dtype=torch.uint8), "features": {res: f},
+                     "names": [["a"]] * per, "class_ids": torch.zeros(per, 2, dtype=torch.long),
+                     "masks": torch.zeros(per, 2, 8, 8, dtype=torch.bool), "valid": torch.ones(per, 2, dtype=torch.bool),
+                     "prompts": ["p"] * per, "seeds": torch.arange(per), "indices": torch.arange(k * per, (k + 1) * per),
+                     "timestep": 1, "shard": k, "rank": 0, "world_size": 1}, shard_path(tmp_path, k))
+    total = sum(f.numel() * 2 for f in feats)       # 64 MiB of features on disk
+    del f
+    before = _rss_bytes()
+    data = GroundingShards(tmp_path)
+    grown = _rss_bytes() - before
+    assert grown < total / 4, f"opening grew RSS by {grown / 2**20:.0f} MiB for {total / 2**20:.0f} MiB of features"
+    # rows gathered across shards, in the order asked, equal the stored ones
+    idx = torch.tensor([31, 0, 9, 9, 17])
+    b = data.batch(idx)
+    ref = torch.cat(feats)[idx]
+    assert torch.equal(b["features"][res], ref) and b["masks"].shape == (5, 2, 8, 8)
+    assert data[9]["index"] == 9 and torch.equal(data[9]["features"][res], feats[1][1])
+    with pytest.raises(IndexError):
+        data.batch([32])
+
+
 def test_labeler_config_fingerprints_wrapped_weights():
-    from diffseg_utils.grounding.data import labeler_config
+    from diffseg_utils.grounding.labelers import labeler_config
 
     net = torch.nn.Conv2d(3, 2, 1)
     lab = SegmenterLabeler(net, name="tiny")

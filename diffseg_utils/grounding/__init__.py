@@ -1,9 +1,13 @@
 """Grounded Diffusion (Li et al., ICCV 2023): open-vocabulary grounding of generated images.
 
-* :mod:`.features`  -- which UNet blocks feed the grounding module (grouped by resolution) and
+* :mod:`.features`   -- which UNet blocks feed the grounding module (grouped by resolution) and
   generation that captures them in the same denoising pass.
-* :mod:`.module`    -- the grounding module (visual encoder + text-query transformer + mask head).
-* :mod:`.data`      -- the data pipeline: prompts over seen classes, generation, segmenter labels,
-  on-disk shards that resume; dataset synthesis and its ``accelerate launch`` entry point.
-* :mod:`.train`     -- batched training and evaluation (protocols I and II).
+* :mod:`.module`     -- the grounding module (visual encoder + text-query transformer + mask head).
+* :mod:`.prompts`    -- the backbone's prompt template, prompts and seeds of samples.
+* :mod:`.segmenter`  -- the segmenter / detector interface (:class:`~.segmenter.SegmenterOutput`).
+* :mod:`.labelers`   -- labels for generated images: a segmenter's, or the grounding module's.
+* :mod:`.shards`     -- dataset synthesis into resumable shards, lazy (memory-mapped) reading.
+* :mod:`.export`     -- PNG export of a segmentation dataset; :mod:`.synth` its ``accelerate launch`` CLI.
+* :mod:`.train`      -- batched training; :mod:`.protocols` evaluation (protocols I and II).
+* :mod:`.defaults`   -- how dataset-specific defaults (class lists, labelers) are supplied.
 """

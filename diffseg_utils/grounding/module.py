@@ -2,8 +2,8 @@
 
 >>> bb = load_backbone("toy")
 >>> gm = GroundingModule.for_backbone(bb)                     # channels from a dry run of bb's UNet
->>> batch = generate_with_features(bb, ["a photograph of a star"], num_steps=2)
->>> q = class_embeddings(bb, ["star", "ring"])                # (2, text_dim): the text queries
+>>> batch = generate_with_features(bb, [prompt_template(bb).format("star")], num_steps=2)
+>>> q = class_embeddings(bb, ["star", "ring"])                # (2, text_dim), in bb's prompt template
 >>> logits = gm(batch.features, q[None])                      # (1, 2, 64, 64)
 >>> loss = bce_loss(logits, target_masks, valid)              # classes the labeller missed: valid=False
 
@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Backbone
+from ..backbones import Backbone, default_device
 from ..text import token_span
 from .features import feature_channels
+from .prompts import check_template, prompt_template
 
 
 @dataclass
@@ -44,7 +45,10 @@ class GroundingConfig:
     # per resolution group, lowest resolution first; None -> 16 * 2**i (paper: 16/32/64/128 for
     # SD's 8/16/32/64 groups, i.e. 240-d pixel embeddings)
     proj_channels: tuple[int, ...] | None = None
-    template: str = "a photograph of a {}"  # paper: prompt for the class-name text query
+    # the prompt template of the class-name text queries; None = the backbone's
+    # (prompt_template(backbone); the paper's "a photograph of a {}" for SD). for_backbone fills it in,
+    # so a saved module records the template it was trained with.
+    template: str | None = None
     threshold: float = 0.5    # paper: mask = sigmoid(logit) > 0.5
     lr: float = 1e-5          # paper: Adam learning rate (read by the training loop, not here)
 
@@ -145,7 +149,10 @@ class GroundingModule(nn.Module):
         if not backbone.is_conditional:
             raise ValueError(f"{backbone.name or 'this backbone'} has no text encoder; grounding needs text queries")
         text_dim = int(backbone.text_encoder.config.hidden_size)
-        return cls(feature_channels(backbone, guidance), text_dim, backbone.resolution, config).to(backbone.device)
+        cfg = config or GroundingConfig()
+        if cfg.template is None:
+            cfg = replace(cfg, template=prompt_template(backbone))
+        return cls(feature_channels(backbone, guidance), text_dim, backbone.resolution, cfg).to(backbone.device)
 
     # ------------------------------------------------------------------ forward
     def _check(self, features: dict[int, torch.Tensor], queries: torch.Tensor) -> int:
@@ -218,22 +225,57 @@ class GroundingModule(nn.Module):
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, path)
 
     @classmethod
-    def load(cls, path: str | Path, map_location: torch.device | str = "cpu") -> "GroundingModule":
-        """Rebuild a module written by :meth:`save`, on ``map_location``."""
-        st = torch.load(path, map_location="cpu", weights_only=True)
+    def load(cls, path: str | Path, device: torch.device | str | Backbone | None = None, *,
+             map_location: torch.device | str | None = None) -> "GroundingModule":
+        """Rebuild a module written by :meth:`save` on ``device`` (a device, or a backbone: its device;
+        default :func:`~diffseg_utils.backbones.default_device`). ``map_location`` is an alias of ``device``.
+
+        The file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists
+        and dicts only, so loading a file from someone else cannot run code.
+        """
+        if device is not None and map_location is not None:
+            raise TypeError("pass device or map_location, not both")
+        device = device if device is not None else map_location
+        if isinstance(device, Backbone):
+            device = device.device
+        device = torch.device(device) if device is not None else default_device()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no grounding module at {path}; train one with "
+                                    "`python -m diffseg_utils.grounding.train --shards DIR --out DIR`")
+        st = torch.load(path, map_location=device, weights_only=True)
         cfg = dict(st["config"])
         cfg["proj_channels"] = tuple(cfg["proj_channels"])
         m = cls(st["channels"], st["text_dim"], st["image_size"], GroundingConfig(**cfg))
         m.load_state_dict(st["state_dict"])
-        return m.to(map_location)
+        return m.to(device)
+
+
+def query_template(backbone: Backbone, module: GroundingModule | None = None, template: str | None = None) -> str:
+    """The template for text queries: ``template`` if given, else the backbone's prompt template.
+
+    A module trained with another template (``module.config.template``) would get queries it has
+    never seen, so that is a ValueError naming both and the fix (retrain, or pass ``template=``).
+    """
+    if template is not None:
+        return check_template(template)
+    ours = prompt_template(backbone)
+    trained = module.config.template if module is not None else None
+    if trained is not None and trained != ours:
+        raise ValueError(f"the grounding module was trained with text queries from the template {trained!r}, but "
+                         f"the backbone {backbone.name or ''!r} prompts with {ours!r}: retrain the module on data "
+                         "synthesised with the backbone's template (`python -m diffseg_utils.grounding.synth ...` "
+                         "then `python -m diffseg_utils.grounding.train ...`), or pass template= explicitly")
+    return ours
 
 
 # ---------------------------------------------------------------------------- text queries
 @torch.no_grad()
-def class_embeddings(backbone: Backbone, names: Sequence[str], template: str = "a photograph of a {}") -> torch.Tensor:
+def class_embeddings(backbone: Backbone, names: Sequence[str], template: str | None = None) -> torch.Tensor:
     """Text queries ``(len(names), text_dim)``, fp32 on the backbone's device (the paper's query).
 
-    The frozen text encoder's last hidden states for ``template.format(name)``, averaged over
+    The frozen text encoder's last hidden states for ``template.format(name)`` (default template:
+    the backbone's, :func:`~diffseg_utils.grounding.prompts.prompt_template`), averaged over
     the name's tokens (a name may be several BPE tokens). All names go through in one batch;
     CLIP's causal attention makes the padding irrelevant to the name's rows.
     """
@@ -242,8 +284,7 @@ def class_embeddings(backbone: Backbone, names: Sequence[str], template: str = "
         raise ValueError("names is empty")
     if not backbone.is_conditional:
         raise ValueError(f"{backbone.name or 'this backbone'} has no text encoder")
-    if "{}" not in template:
-        raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
+    template = prompt_template(backbone) if template is None else check_template(template)
     prompts = [template.format(n) for n in names]
     spans = [token_span(backbone.tokenizer, p, n) for p, n in zip(prompts, names)]
     hidden = backbone.encode_prompt(prompts).float()                  # (K, L, D)
@@ -269,11 +310,11 @@ def bce_loss(logits: torch.Tensor, target_masks: torch.Tensor, valid: torch.Tens
         valid = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
     if tuple(valid.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"valid must be (N, Q) = {tuple(logits.shape[:2])}; got {tuple(valid.shape)}")
-    valid = valid.to(logits.device, torch.bool)
+    w = valid.to(logits.device, torch.float32)                          # (N, Q)
     target = target_masks.to(logits.device, torch.float32)
     if target.shape[-2:] != logits.shape[-2:]:
         target = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
-    if not valid.any():
-        return logits.sum() * 0.0
-    lg = logits[valid].float()                                         # (P, H, W), P = valid pairs
-    return F.binary_cross_entropy_with_logits(lg, target[valid], reduction="none").mean((-2, -1)).mean()
+    # weights instead of logits[valid]: boolean indexing (and `if valid.any()`) would wait for the
+    # device every step; a zero weight gives the pair's loss and gradient exactly 0
+    per_pair = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean((-2, -1))
+    return (per_pair * w).sum() / w.sum().clamp_min(1.0)

@@ -1,16 +1,19 @@
-"""Grounded Diffusion's two evaluation protocols on the toy world.
+"""Grounded Diffusion's two evaluation protocols, for any text-conditional backbone.
 
 * Protocol I (:func:`evaluate_on_generations`): generate images from prompts over *all*
-  categories, take the oracle segmenter's masks as ground truth, and score the grounding
+  categories (the backbone's prompt template), take a segmenter's masks as ground truth, and score the grounding
   module and the cross-attention baseline (DAAM) on the very same generations (one pass:
   features, attention maps and images come from the same denoising run). mIoU per category,
   averaged over seen and over unseen categories.
 * Protocol II (:class:`GroundingLabeler` with :func:`~diffseg_utils.grounding.data.synthesize`, then
   :func:`fit_segmenter` + :func:`evaluate_segmenter`): the grounded generator writes a segmentation
   data set for all categories (``python -m diffseg_utils.grounding.synth --labeler grounding`` under
-  ``accelerate launch`` for large runs); a small segmenter
-  trained on it is scored on procedural ground-truth images (seen, unseen, harmonic mIoU) and
-  compared with the same segmenter trained on ground-truth images of the seen categories only.
+  ``accelerate launch`` for large runs); a segmenter trained on it is scored on real labelled
+  images (seen, unseen, harmonic mIoU) and compared with the same segmenter trained on labelled
+  images of the seen categories only.
+
+The dataset-specific parts (class lists, the segmenter network, the test and reference images)
+come in as arguments; the toy world's are in :mod:`diffseg_utils.toy.grounding_defaults`.
 """
 from __future__ import annotations
 
@@ -24,10 +27,14 @@ from tqdm.auto import tqdm
 
 from ..attention_maps import CrossAttentionMaps
 from ..backbones import Backbone
-from ..metrics import iou_per_class
-from .data import MAX_CLASSES, SegmenterLabeler, sample_prompt, sample_seed
+from ..metrics import confusion_matrix, iou_per_class
 from .features import generate_with_features
-from .module import GroundingModule, class_embeddings
+from .labelers import GroundingLabeler, SegmenterLabeler
+from .module import GroundingModule, class_embeddings, query_template
+from .prompts import sample_prompt, sample_seed
+
+__all__ = ["ProtocolOneResult", "evaluate_on_generations", "GroundingLabeler", "fit_segmenter",
+           "evaluate_segmenter", "harmonic"]
 
 
 def harmonic(a: float, b: float) -> float:
@@ -76,16 +83,18 @@ def evaluate_on_generations(
     daam_threshold: float = 0.4,
     min_score: float = 0.05,
     keep_examples: int = 8,
+    template: str | None = None,
     progress: bool = True,
 ) -> ProtocolOneResult:
-    """Protocol I: grounding module vs cross-attention maps on generations, oracle masks as ground truth.
+    """Protocol I: grounding module vs cross-attention maps on generations, segmenter masks as ground truth.
 
-    Prompts "a photograph of a {c1}[ and a {c2}]" over all ``class_names`` (seed ``seed``,
-    disjoint from the training seeds by default). A prompted class the oracle does not find is
-    not scored (we cannot know where it should be).
+    Prompts ``template.format("c1[ and a c2]")`` over all ``class_names`` (seed ``seed``, disjoint
+    from the training seeds by default); ``template`` defaults to the backbone's prompt template
+    and must be the one the module was trained with (:func:`~.module.query_template`). A prompted
+    class the segmenter does not find is not scored (we cannot know where it should be).
     """
     class_names = tuple(class_names)
-    template = module.config.template
+    template = query_template(backbone, module, template)
     queries = class_embeddings(backbone, class_names, template)            # (C, D)
     oracle = SegmenterLabeler(segmenter, min_score=min_score)              # top mask per prompted class
     inter = {m: np.zeros(len(class_names)) for m in ("grounding", "daam")}
@@ -106,17 +115,19 @@ def evaluate_on_generations(
         cid = torch.tensor([[class_names.index(c) for c in n] + [0] * (width - len(n)) for n in names])
         logits = module(gen.features, queries[cid], out_size=size)                       # (n, W, H, W)
         pred = {"grounding": logits > 0, "daam": daam}
+        gt = truth[:, :width].to(logits.device)                                          # (n, W, H, W)
+        # per (image, word) counts, one copy to the host per batch
+        counts = {m: torch.stack([(p.to(gt.device) & gt).sum((-2, -1)), (p.to(gt.device) | gt).sum((-2, -1))]).cpu()
+                  for m, p in pred.items()}                                             # (2, n, W)
         for j, n in enumerate(names):
             for w, c in enumerate(n):
-                if not valid[j, w]:  # the oracle did not find it: not scored
+                if not valid[j, w]:  # the segmenter did not find it: not scored
                     continue
-                gt = truth[j, w].to(logits.device)
                 ci = class_names.index(c)
                 count[ci] += 1
                 for m in inter:
-                    p = pred[m][j, w].to(gt.device)
-                    inter[m][ci] += float((p & gt).sum())
-                    union[m][ci] += float((p | gt).sum())
+                    inter[m][ci] += float(counts[m][0, j, w])
+                    union[m][ci] += float(counts[m][1, j, w])
         if len(ex["images"]) < keep_examples:
             ex["images"].extend(gen.images.cpu())
             ex["prompts"].extend(prompts)
@@ -130,69 +141,46 @@ def evaluate_on_generations(
     return ProtocolOneResult(class_names, tuple(seen), iou, {c: int(count[i]) for i, c in enumerate(class_names)}, ex)
 
 
-class GroundingLabeler:
-    """Labels generated images with the grounding module (the data-set factory of protocol II).
-
-    Same signature as :class:`~diffseg_utils.grounding.data.SegmenterLabeler`:
-    ``labeler(batch, names) -> (masks (N, M, H, W) bool, valid (N, M) bool)``. Where masks of two
-    prompted classes overlap, the pixel goes to the class with the larger logit.
-    """
-
-    def __init__(self, backbone: Backbone, module: GroundingModule, class_names: Sequence[str],
-                 max_classes: int = MAX_CLASSES, name: str = "grounding"):
-        self.module = module.eval()
-        self.class_names = tuple(class_names)
-        self.max_classes = max_classes
-        self.queries = class_embeddings(backbone, self.class_names, module.config.template)
-        self.config = {"name": name, "embed_dim": module.embed_dim, "template": module.config.template}
-
-    @torch.no_grad()
-    def __call__(self, batch, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.max_classes
-        unknown = {c for n in names for c in n} - set(self.class_names)
-        if unknown:
-            raise ValueError(f"classes {sorted(unknown)} have no text query; known: {list(self.class_names)}")
-        cid = torch.tensor([[self.class_names.index(c) for c in n] + [0] * (m - len(n)) for n in names])
-        valid = torch.tensor([[w < len(n) for w in range(m)] for n in names])
-        logits = self.module(batch.features, self.queries[cid], out_size=batch.images.shape[-1])
-        logits = logits.masked_fill(~valid.to(logits.device)[..., None, None], float("-inf"))
-        best = logits.argmax(1, keepdim=True)                                  # (N, 1, H, W)
-        masks = (logits > 0) & (torch.arange(m, device=logits.device)[None, :, None, None] == best)
-        return masks.cpu(), valid
-
-
 # ----------------------------------------------------------------- protocol II: a segmenter trained on synthetic data
 def fit_segmenter(
     images: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
     *,
+    net: torch.nn.Module,
     steps: int = 600,
     batch_size: int = 32,
     lr: float = 2e-3,
-    width: int = 16,
     seed: int = 0,
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> torch.nn.Module:
-    """Train a small U-Net segmenter (the oracle's architecture, narrower) on (N, 3, H, W) uint8 images and
-    (N, H, W) labels in 0..num_classes-1; random flips; cosine learning rate. Returns it in eval mode."""
-    from ..toy.oracle import OracleNet
+    """Train the segmenter ``net`` on ``images`` (N, 3, H, W) uint8 and ``labels`` (N, H, W) ints in
+    0..num_classes-1; random horizontal flips; AdamW with a cosine learning rate. Returns it in eval mode.
 
+    net:    any module mapping (B, 3, H, W) float in [-1, 1] to (B, num_classes, H, W) logits (the
+            toy's: :func:`diffseg_utils.toy.grounding_defaults.segmenter_net`).
+    device: where it trains (default: where ``net`` is); batches are moved there one at a time,
+            so the data set may stay on the CPU.
+    """
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
     if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
-    torch.manual_seed(seed)
-    net = OracleNet(width, num_classes)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (N, 3, H, W), got {images.dtype}; convert [-1, 1] images with "
+                        "diffseg_utils.grounding.shards.to_uint8")
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    net = net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # sampling on the host: indices and flips never wait for the device
     net.train()
     for step in tqdm(range(steps), desc="segmenter", disable=not progress):
         for gr in opt.param_groups:
             gr["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
-        x = images[idx].float() / 127.5 - 1
-        y = labels[idx].long()
+        x = images[idx].to(dev).float() / 127.5 - 1
+        y = labels[idx].to(dev).long()
         if torch.rand((), generator=g) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
         loss = F.cross_entropy(net(x), y)
@@ -203,24 +191,27 @@ def fit_segmenter(
 
 
 @torch.no_grad()
-def evaluate_segmenter(net: torch.nn.Module, class_names: Sequence[str], seen: Sequence[str], *, split: str = "grounding_test",
-                       num_images: int = 200, chunk: int = 100) -> dict[str, float]:
-    """Seen / unseen / harmonic mIoU (foreground classes; background excluded) on procedural ground-truth images."""
-    from ..toy.oracle import procedural_confusion
-    from ..toy.world import CATEGORIES
+def evaluate_segmenter(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+                       seen: Sequence[str], *, chunk: int = 100, ignore_index: int | None = 255,
+                       device: torch.device | str | None = None) -> dict[str, float]:
+    """Seen / unseen / harmonic mIoU (foreground classes; background excluded) of ``net`` on labelled images.
 
-    # our class order -> world ids (identical for the toy, but keep the mapping explicit)
-    to_world = torch.tensor([0] + [CATEGORIES.index(c) + 1 for c in class_names])
-    cm = procedural_confusion(lambda x: to_world[net(x).argmax(1)], num_images, split, chunk)
-    iou = iou_per_class(cm).numpy()[to_world[1:].numpy()]
-    s = float(np.nanmean([iou[i] for i, c in enumerate(class_names) if c in seen]))
-    u = float(np.nanmean([iou[i] for i, c in enumerate(class_names) if c not in seen]))
+    images: (N, 3, H, W) uint8; labels: (N, H, W) ints, 0 = background, ``k`` = ``class_names[k - 1]``,
+    ``ignore_index`` not scored. Also returns each class's IoU (nan: in neither map). ``device``
+    defaults to the net's; images go there ``chunk`` at a time.
+    """
+    k = len(class_names) + 1
+    if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    net = net.to(dev).eval()
+    cm = torch.zeros(k, k, dtype=torch.long)
+    for s in range(0, images.shape[0], chunk):
+        x = images[s:s + chunk].to(dev).float() / 127.5 - 1
+        cm += confusion_matrix(net(x).argmax(1), labels[s:s + chunk], k, ignore_index=ignore_index)
+    iou = iou_per_class(cm).numpy()[1:]
+    s_ = [iou[i] for i, c in enumerate(class_names) if c in seen]
+    u_ = [iou[i] for i, c in enumerate(class_names) if c not in seen]
+    s = float(np.nanmean(s_)) if s_ and not np.isnan(s_).all() else float("nan")
+    u = float(np.nanmean(u_)) if u_ and not np.isnan(u_).all() else float("nan")
     return {"seen": s, "unseen": u, "harmonic": harmonic(s, u), **{c: float(iou[i]) for i, c in enumerate(class_names)}}
-
-
-def ground_truth_seen_dataset(num_images: int, seen_ids: Sequence[int], split: str = "grounding_gt") -> tuple[torch.Tensor, torch.Tensor]:
-    """Procedural images drawing only seen categories (ids 1..10), with exact labels: protocol II's reference."""
-    from ..toy.world import render
-
-    b = render(split, 0, num_images, categories=tuple(seen_ids))
-    return torch.from_numpy(b.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(b.labels).long()

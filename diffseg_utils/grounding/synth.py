@@ -1,9 +1,9 @@
 """Synthesise a grounding dataset from the command line, on one or many processes.
 
-One process::
+One process (the toy's class splits and oracle labeler come from its defaults provider)::
 
-    python -m diffseg_utils.grounding.synth --backbone toy --out results/grounding-data \\
-        --num-samples 1000 --shard-size 64 --classes seen --labeler oracle
+    python -m diffseg_utils.grounding.synth --backbone toy --defaults diffseg_utils.toy.grounding_defaults \\
+        --out results/grounding-data --num-samples 1000 --shard-size 64 --classes seen --labeler oracle
 
 Several (each process writes the shards ``k`` with ``k % num_processes == rank``; the data
 does not depend on the process count)::
@@ -15,62 +15,58 @@ processes (``PartialState(cpu=True)``, gloo). accelerate's own ``--cpu`` flag st
 process unless ``--mpirun_hostfile`` is given. With more than one process each one uses one
 torch thread, so N processes share N cores instead of oversubscribing them.
 
-Rerunning the same command resumes: finished shards are kept. After all processes finish,
-the main one checks the shards and writes ``index.json``. Labelers come from :data:`LABELERS`
-(name -> factory taking the parsed arguments and the loaded backbone).
+Order of writes: rank 0 checks or writes ``manifest.json``, all ranks meet at a barrier, then
+every rank writes its shards. A rank that fails prints ``[rank r/N] FAILED: ...`` and its
+traceback to stderr (the launcher's own summary names the rank too). Rerunning the same command
+resumes: finished shards are kept. After all processes finish, the main one checks the shards
+and writes ``index.json``.
+
+Labelers: ``grounding`` (a trained module, protocol II) plus those of the defaults provider
+(``--defaults``, else the backbone's ``grounding_defaults``); see :mod:`.defaults`.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..registry import DATA_DIR
-from ..toy.world import CATEGORIES, SEEN_CATEGORIES, UNSEEN_CATEGORIES
-from .data import DEFAULT_TEMPLATE, Labeler, SegmenterLabeler, synthesize, write_index
-
-CLASS_SETS: dict[str, tuple[str, ...]] = {"seen": SEEN_CATEGORIES, "unseen": UNSEEN_CATEGORIES, "all": CATEGORIES}
-
-
-def oracle_labeler(args: argparse.Namespace, backbone) -> Labeler:
-    """The toy world's oracle segmenter (our Mask R-CNN)."""
-    from ..toy.oracle import OracleSegmenter
-
-    path = Path(args.oracle)
-    seg = OracleSegmenter.load(path.parent if path.is_file() else path, device=backbone.device)
-    return SegmenterLabeler(seg, min_score=args.min_score, name="oracle")
+from .defaults import resolve_defaults
+from .labelers import GroundingLabeler, Labeler
+from .shards import synthesize, write_index
 
 
 def grounding_labeler(args: argparse.Namespace, backbone) -> Labeler:
     """A trained grounding module labelling every prompted class from the UNet features (protocol II)."""
     from .module import GroundingModule
-    from .protocols import GroundingLabeler
 
-    path = Path(args.grounding_ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"no grounding checkpoint at {path}; pass --grounding-ckpt PATH (the toy's is "
-                                f"{DATA_DIR / 'grounding' / 'grounding.pt'}) or train one with "
-                                "`python -m diffseg_utils.grounding.train`")
-    module = GroundingModule.load(path, map_location=backbone.device)
-    return GroundingLabeler(backbone, module, parse_classes(args.classes))
+    if args.grounding_ckpt is None:
+        raise ValueError("--labeler grounding needs --grounding-ckpt PATH (a module written by "
+                         "`python -m diffseg_utils.grounding.train`)")
+    module = GroundingModule.load(Path(args.grounding_ckpt), device=backbone.device)
+    return GroundingLabeler(backbone, module, args.class_names)
 
 
-LABELERS: dict[str, Callable[[argparse.Namespace, object], Labeler]] = {
-    "oracle": oracle_labeler,
-    "grounding": grounding_labeler,
-}
-"""Labeler name -> factory(args, backbone). Add an entry to offer another ``--labeler``."""
+LABELERS: dict[str, Callable[[argparse.Namespace, object], Labeler]] = {"grounding": grounding_labeler}
+"""General labeler name -> factory(args, backbone); a defaults provider's ``LABELERS`` add to these."""
 
 
-def parse_classes(spec: str) -> list[str]:
-    """``seen`` / ``unseen`` / ``all`` (the toy world's splits) or a comma-separated list of names."""
-    if spec in CLASS_SETS:
-        return list(CLASS_SETS[spec])
+def parse_classes(spec: str, defaults=None) -> list[str]:
+    """A class-set name of the defaults provider (e.g. the toy's ``seen`` / ``unseen`` / ``all``) or a
+    comma-separated list of names."""
+    sets = getattr(defaults, "CLASS_SETS", {}) or {}
+    if spec in sets:
+        return list(sets[spec])
     names = [c.strip() for c in spec.split(",") if c.strip()]
     if not names:
-        raise ValueError(f"--classes {spec!r} names no class; use seen, unseen, all or a comma-separated list")
+        raise ValueError(f"--classes {spec!r} names no class; use a comma-separated list"
+                         + (f" or one of {sorted(sets)}" if sets else ""))
+    if len(names) == 1 and not sets and spec in ("seen", "unseen", "all"):
+        raise ValueError(f"--classes {spec} is a class set, but no defaults provider defines class sets; pass "
+                         "--defaults (e.g. diffseg_utils.toy.grounding_defaults) or a comma-separated list")
     return names
 
 
@@ -78,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Synthesise a Grounded Diffusion training set (resumable, multi-process "
                                             "with `accelerate launch`).")
     p.add_argument("--backbone", default="toy", help="registry name, local directory or hub id (default: toy)")
+    p.add_argument("--defaults", default=None, help="module providing class sets, labelers, checkpoint (default: the "
+                                                    "backbone's grounding_defaults), e.g. "
+                                                    "diffseg_utils.toy.grounding_defaults")
     p.add_argument("--out", type=Path, required=True, help="output directory (shards, manifest.json, index.json)")
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--shard-size", type=int, default=64)
@@ -86,38 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-step", type=int, default=-1, help="DDIM step whose features are kept (-1 = last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="images per generation call (does not change the data)")
-    p.add_argument("--classes", default="seen", help="seen | unseen | all | comma-separated class names")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template; {} gets 'c1' or 'c1 and a c2'")
+    p.add_argument("--classes", default="seen", help="a class set of the defaults provider or comma-separated names")
+    p.add_argument("--template", default=None, help="prompt template (default: the backbone's); {} gets 'c1' or "
+                                                    "'c1 and a c2'")
     p.add_argument("--two-prob", type=float, default=0.5, help="probability of a two-class prompt")
-    p.add_argument("--labeler", default="oracle", choices=sorted(LABELERS))
-    p.add_argument("--oracle", default=str(DATA_DIR / "oracle"), help="oracle directory or its oracle.pt")
+    p.add_argument("--labeler", default=None, help="labeler name (default: the defaults provider's DEFAULT_LABELER)")
+    p.add_argument("--oracle", default=None, help="segmenter weights for a defaults provider's labeler (its default "
+                                                  "otherwise)")
     p.add_argument("--min-score", type=float, default=0.05, help="segmenter score below which a class is 'missed'")
-    p.add_argument("--grounding-ckpt", type=Path, default=DATA_DIR / "grounding" / "grounding.pt", help="trained grounding module (--labeler grounding)")
+    p.add_argument("--grounding-ckpt", type=Path, default=None,
+                   help="trained grounding module (--labeler grounding; default: the defaults provider's CHECKPOINT)")
     p.add_argument("--no-features", action="store_true", help="do not store UNet features (images + masks only)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from accelerate import PartialState
-
+def _run(args: argparse.Namespace, state) -> None:
     from ..backbones import load_backbone
 
-    args = build_parser().parse_args(argv)
-    use_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    state = PartialState(cpu=use_cpu)
     rank, world = state.process_index, state.num_processes
-    if world > 1:
-        torch.set_num_threads(1)  # N processes on N cores: one thread each, no oversubscription
-    device = torch.device("cpu") if use_cpu else state.device
+    device = torch.device("cpu") if args.use_cpu else state.device
     backbone = load_backbone(args.backbone, device=device)
-    labeler = LABELERS[args.labeler](args, backbone)
-    paths = synthesize(backbone, labeler, args.out, num_samples=args.num_samples,
-                       class_names=parse_classes(args.classes), shard_size=args.shard_size, seed=args.seed,
-                       num_steps=args.num_steps, guidance=args.guidance, feature_step=args.feature_step,
-                       batch_size=args.batch_size, keep_features=not args.no_features, template=args.template,
-                       two_prob=args.two_prob, rank=rank, world_size=world,
+    defaults = resolve_defaults(args.defaults, backbone)
+    labelers = {**LABELERS, **(getattr(defaults, "LABELERS", {}) or {})}
+    name = args.labeler or getattr(defaults, "DEFAULT_LABELER", None)
+    if name not in labelers:
+        raise ValueError(f"--labeler {name!r} is not known; choose from {sorted(labelers)}"
+                         + ("" if defaults is not None else " (or pass --defaults for dataset-specific labelers)"))
+    args.class_names = parse_classes(args.classes, defaults)
+    if args.grounding_ckpt is None and getattr(defaults, "CHECKPOINT", None) is not None:
+        args.grounding_ckpt = Path(defaults.CHECKPOINT)
+    labeler = labelers[name](args, backbone)
+    paths = synthesize(backbone, labeler, args.out, num_samples=args.num_samples, class_names=args.class_names,
+                       shard_size=args.shard_size, seed=args.seed, num_steps=args.num_steps, guidance=args.guidance,
+                       feature_step=args.feature_step, batch_size=args.batch_size,
+                       keep_features=not args.no_features, template=args.template, two_prob=args.two_prob,
+                       rank=rank, world_size=world, barrier=state.wait_for_everyone if world > 1 else None,
                        progress=not args.no_progress)
     print(f"[rank {rank}/{world}] {len(paths)} shards in {args.out}", flush=True)
     state.wait_for_everyone()
@@ -127,7 +131,30 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{index['num_samples']} samples in {index['num_shards']} shards; {n_lab}/{n_pr} prompted classes "
               f"labelled; index: {args.out / 'index.json'}", flush=True)
     state.wait_for_everyone()
-    state.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate import PartialState
+
+    args = build_parser().parse_args(argv)
+    args.use_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    state = PartialState(cpu=args.use_cpu)
+    rank, world = state.process_index, state.num_processes
+    if world > 1:
+        torch.set_num_threads(1)  # N processes on N cores: one thread each, no oversubscription
+    try:
+        _run(args, state)
+    except BaseException as e:
+        # the other ranks then fail at a barrier with a connection error: say which rank failed first, and why
+        print(f"[rank {rank}/{world}] FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        raise
+    finally:
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            try:
+                state.destroy_process_group()
+            except Exception:  # noqa: BLE001 -- a peer that already died; the original error is what matters
+                pass
 
 
 if __name__ == "__main__":

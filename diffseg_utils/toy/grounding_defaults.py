@@ -1,0 +1,110 @@
+"""The toy world's grounding defaults: class splits, the oracle labeler, the module config, protocol II.
+
+A defaults provider for :mod:`diffseg_utils.grounding` (see :mod:`diffseg_utils.grounding.defaults`):
+the general code never imports this module; the CLIs load it from ``--defaults
+diffseg_utils.toy.grounding_defaults`` or the toy backbone's ``grounding_defaults`` attribute,
+and notebooks import it by name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..registry import DATA_DIR, TOY_SD_DIR
+from .world import CATEGORIES, SEEN_CATEGORIES, UNSEEN_CATEGORIES, render
+
+CLASS_SETS: dict[str, tuple[str, ...]] = {"seen": SEEN_CATEGORIES, "unseen": UNSEEN_CATEGORIES, "all": CATEGORIES}
+ORACLE_DIR = DATA_DIR / "oracle"
+CHECKPOINT = DATA_DIR / "grounding" / "grounding.pt"
+DEFAULT_LABELER = "oracle"
+
+SEGMENTER_SETTINGS = {"quick": dict(steps=600, batch_size=16), "full": dict(steps=1500, batch_size=32)}
+"""Protocol II's segmenter training budgets (``fit_segmenter`` keyword arguments)."""
+
+
+def oracle_segmenter(device: torch.device | str = "cpu", path: str | Path = ORACLE_DIR):
+    """The toy world's oracle segmenter (our Mask R-CNN), named "oracle" in manifests."""
+    from .oracle import OracleSegmenter
+
+    path = Path(path)
+    seg = OracleSegmenter.load(path.parent if path.is_file() else path, device=device)
+    seg.name = "oracle"
+    return seg
+
+
+def oracle_labeler(args: argparse.Namespace, backbone):
+    """--labeler oracle: the oracle's top-scoring mask per prompted class."""
+    from ..grounding.labelers import SegmenterLabeler
+
+    seg = oracle_segmenter(backbone.device, getattr(args, "oracle", None) or ORACLE_DIR)
+    return SegmenterLabeler(seg, min_score=getattr(args, "min_score", 0.05), name="oracle")
+
+
+LABELERS = {"oracle": oracle_labeler}
+
+
+def module_config():
+    """Our grounding-module configuration for the toy model: the paper's architecture, narrower (width
+    128) so the module trains in minutes on a CPU and ships in a few MB; Adam 1e-4 instead of 1e-5
+    because we train for thousands of batched steps, not the paper's tens of thousands of single images."""
+    from ..grounding.module import GroundingConfig
+
+    return GroundingConfig(d_model=128, heads=4, layers=3, ff=512, lr=1e-4)
+
+
+def provenance(backbone) -> dict:
+    """What a module trained on the shipped toy SD records about it: the UNet's training step."""
+    state = TOY_SD_DIR / "training_state.json"
+    return {"toy_sd_unet_step": json.loads(state.read_text())["unet_step"]} if state.exists() else {}
+
+
+# ------------------------------------------------------------------------ protocol II
+def segmenter_net(num_classes: int, width: int = 16, seed: int = 0) -> torch.nn.Module:
+    """Protocol II's segmenter: the oracle's U-Net, narrower; its initial weights depend only on ``seed``."""
+    from .oracle import OracleNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OracleNet(width, num_classes)
+
+
+def _to_ours(labels: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+    """World label ids (0 = background, k = CATEGORIES[k - 1]) -> 0 / class_names.index + 1, 255 elsewhere."""
+    lut = torch.full((len(CATEGORIES) + 1,), 255, dtype=torch.long)
+    lut[0] = 0
+    for i, c in enumerate(CATEGORIES):
+        if c in class_names:
+            lut[i + 1] = list(class_names).index(c) + 1
+    return lut[labels.long()]
+
+
+def protocol_two_test_set(num_images: int, class_names: Sequence[str] = CATEGORIES,
+             split: str = "grounding_test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Protocol II's test images: procedural images of all categories with exact labels.
+
+    Returns images (N, 3, 64, 64) uint8 and labels (N, 64, 64) int64 (0 = background,
+    ``k`` = ``class_names[k - 1]``, 255 for a category not in ``class_names``).
+    """
+    b = render(split, 0, num_images)
+    return torch.from_numpy(b.images).permute(0, 3, 1, 2).contiguous(), _to_ours(torch.from_numpy(b.labels),
+                                                                                 class_names)
+
+
+def ground_truth_seen_dataset(num_images: int, seen: Sequence[str] = SEEN_CATEGORIES,
+                              class_names: Sequence[str] = CATEGORIES,
+                              split: str = "grounding_gt") -> tuple[torch.Tensor, torch.Tensor]:
+    """Protocol II's reference: procedural images drawing only the ``seen`` categories, exact labels.
+
+    Returns images (N, 3, 64, 64) uint8 and labels (N, 64, 64) int64 in ``class_names``' ids as
+    :func:`protocol_two_test_set`.
+    """
+    unknown = set(seen) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not toy categories; known: {list(CATEGORIES)}")
+    b = render(split, 0, num_images, categories=tuple(CATEGORIES.index(c) + 1 for c in seen))
+    return torch.from_numpy(b.images).permute(0, 3, 1, 2).contiguous(), _to_ours(torch.from_numpy(b.labels),
+                                                                                 class_names)
