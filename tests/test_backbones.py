@@ -97,6 +97,23 @@ def test_registry_and_offline_errors(tmp_path, monkeypatch):
         load_backbone(str(tmp_path / "nowhere"))
 
 
+def test_missing_local_directory_says_so_and_lists_layouts(tmp_path, monkeypatch):
+    """A local path that does not exist is not a hub id: no `huggingface-cli download /that/path` advice."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in (str(tmp_path / "models" / "ddpm"), "models/ddpm", "./ddpm"):
+        with pytest.raises(WeightsNotAvailableError) as e:
+            load_backbone(source, device="cpu", allow_download=False)
+        msg = str(e.value)
+        assert "does not exist" in msg and "huggingface-cli" not in msg, source
+        assert "model_index.json" in msg and "config.json" in msg and ".pt" in msg, source
+        if source != "./ddpm":
+            assert f"nearest existing folder is {tmp_path / 'models'}" in msg, source
+    (tmp_path / "models" / "notes.txt").write_text("x")
+    with pytest.raises(WeightsNotAvailableError, match="is a file, not a directory"):
+        load_backbone("models/notes.txt", device="cpu", allow_download=False)
+
+
 def test_corrupt_directory_gives_clear_error(tmp_path, sd_tiny_dir):
     import shutil
 
