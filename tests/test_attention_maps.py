@@ -179,5 +179,67 @@ def test_toy_layers_and_maps(toy):
     assert sorted({a.resolution[0] for a in cam.layers}) == [4, 8, 16]
     assert len(cam.layers) == sum(a.cross for a in attention_layers(toy)) == 7
     res = daam_segment(toy, ["a photo of a star and a ring"], [["star", "ring"]], num_steps=4, guidance=5.0)
-    assert res.heatmaps.shape == (1, 2, 64, 64)
-    assert res.masks.any() and not res.masks.all()
+    assert res.heatmaps.shape == (1, 2, 64, 64) and torch.equal(res.masks, res.heatmaps > 0.4)
+    # where the maps are right is tested with forced attention (test_maps_peak_where_the_attention_is_forced)
+
+
+class _ForcedQuery(torch.nn.Module):
+    """to_q replacement: +c inside a known square of the token grid, -c outside (every head, every channel)."""
+
+    def __init__(self, inner: int, box: tuple[float, float, float, float], c: float = 3.0):
+        super().__init__()
+        self.inner, self.box, self.c = inner, box, c
+
+    def forward(self, h):
+        b, n, _ = h.shape
+        side = round(n ** 0.5)
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        y0, y1, x0, x1 = (round(v * side) for v in self.box)
+        inside = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).flatten()          # (n,)
+        sign = torch.where(inside, 1.0, -1.0).to(h.dtype)
+        return (self.c * sign)[None, :, None].expand(b, n, self.inner).contiguous()
+
+
+class _ForcedKey(torch.nn.Module):
+    """to_k replacement: token positions ``tokens`` get a key of +c everywhere, every other token 0."""
+
+    def __init__(self, inner: int, tokens: list[int], c: float = 3.0):
+        super().__init__()
+        self.inner, self.tokens, self.c = inner, tokens, c
+
+    def forward(self, e):
+        k = torch.zeros(*e.shape[:2], self.inner, dtype=e.dtype)
+        k[:, self.tokens] = self.c
+        return k
+
+
+def test_maps_peak_where_the_attention_is_forced(sd_tiny):
+    """Known answer: make the word 'ring' win the attention softmax exactly inside a square of every
+    cross-attention layer's grid (and lose it outside); its heat map must peak in that square, and
+    a word that gets no attention there ('star') must be low in it."""
+    prompt = PROMPTS[0]
+    box = (0.25, 0.75, 0.5, 1.0)  # rows 1/4..3/4, right half (fractions of the grid)
+    ring = token_span(sd_tiny.tokenizer, prompt, "ring")
+    layers = [sd_tiny.unet.get_submodule(a.path) for a in attention_layers(sd_tiny) if a.cross]
+    saved = [(m.to_q, m.to_k) for m in layers]
+    try:
+        for m in layers:
+            inner = m.to_q.out_features
+            m.to_q, m.to_k = _ForcedQuery(inner, box), _ForcedKey(inner, ring)
+        x, t, _ = _unet_inputs(sd_tiny, n=1)
+        with CrossAttentionMaps(sd_tiny, guidance=False) as cam:
+            sd_tiny.unet(x, t, encoder_hidden_states=sd_tiny.encode_prompt([prompt]))
+        heat = cam.heatmaps([prompt], [["ring", "star"]], image_size=32)[0]              # (2, 32, 32)
+    finally:
+        for m, (q, k) in zip(layers, saved):
+            m.to_q, m.to_k = q, k
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:24, 16:32] = True
+    ring_map, star_map = heat
+    peak = int(ring_map.flatten().argmax())
+    assert inside.flatten()[peak], "the 'ring' map does not peak inside the forced square"
+    assert ring_map[inside].mean() > 0.8 and ring_map[~inside].mean() < 0.2
+    assert star_map[inside].mean() < star_map[~inside].mean()
+    # the DAAM mask (threshold 0.4) is the square, up to the bicubic edge
+    mask = heat[0] > 0.4
+    assert (mask == inside).float().mean() > 0.9

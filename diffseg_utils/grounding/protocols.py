@@ -17,7 +17,7 @@ come in as arguments; the toy world's are in :mod:`diffseg_utils.toy.grounding_d
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
