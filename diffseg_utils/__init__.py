@@ -1,17 +1,43 @@
 """diffseg_utils: the compute kernels behind the diffseg notebooks.
 
-Public surface (see each module for details):
+``import diffseg_utils as ds`` gives every entry point:
 
-* :func:`load_backbone` / :class:`Backbone` / :func:`list_backbones` — one interface over
-  Stable Diffusion (latent) and DDPM/ADM (pixel) diffusers checkpoints, plus the shipped toy model.
-* :func:`prepare_images` — PIL / numpy / torch images to a backbone's input tensor.
-* :func:`adm_blocks` — DDPM-Seg's ADM ``output_blocks`` indices as diffusers module paths.
+* backbones: :func:`load_backbone` (short name, hub id, local directory or ADM ``.pt``),
+  :class:`Backbone`, :func:`list_backbones`, :func:`untrained_like`, :func:`adm_blocks`;
+* data: :func:`load_dataset`, :func:`list_datasets`, :func:`fewshot_splits`;
+  images in and masks back out: :func:`prepare_images`, :func:`geometry_of`, :func:`restore_labels`,
+  :func:`prepare_labels`;
+* features and analysis (DDPM-Seg Fig. 2–4): :func:`extract_features`, :class:`FeatureMaps`,
+  :func:`probe_grid`, :func:`probe_features`, :func:`choose_places`, :func:`decoder_blocks`,
+  :func:`baseline_features`;
+* DDPM-Seg: :class:`FewShotSegmenter`, :func:`fewshot_miou`;
+* EmerDiff: :func:`emerdiff_segment`;
+* Grounded Diffusion and its cross-attention baseline: see :mod:`diffseg_utils.grounding` and
+  :func:`daam_segment`;
+* metrics: :func:`mean_iou`, :func:`ddpmseg_miou`, :func:`hungarian_miou`.
 """
+from .attention_maps import daam_segment
 from .backbones import (Backbone, BlockInfo, WeightsNotAvailableError, adm_blocks, adm_output_block,
                         load_backbone, untrained_like)
-from .inputs import prepare_images
+from .baselines import baseline_features, rgbxy_features
+from .datasets import (DDPMSEG_DATASETS, DatasetConfig, FewShotData, Sample, SegmentationDataset, SegmentationSplit,
+                       fewshot_splits, list_datasets, load_dataset)
+from .ddpmseg import FewShotSegmenter, SegmentationResult, fewshot_miou
+from .emerdiff import emerdiff_segment
+from .features import FeatureMaps, extract_features
+from .inputs import Geometry, ImageLike, geometry_of, prepare_images, prepare_labels, restore_labels
+from .metrics import ddpmseg_miou, hungarian_miou, mean_iou
+from .probes import ProbeTable, probe_features, probe_grid, rgb_features
 from .registry import list_backbones
+from .selection import PlaceChoice, choose_places, decoder_blocks
 
-__all__ = ["Backbone", "BlockInfo", "WeightsNotAvailableError", "adm_blocks", "adm_output_block",
-           "load_backbone", "list_backbones", "prepare_images", "untrained_like"]
+__all__ = [
+    "Backbone", "BlockInfo", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
+    "Geometry", "ImageLike", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
+    "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
+    "choose_places", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",
+    "fewshot_miou", "fewshot_splits", "geometry_of", "hungarian_miou", "list_backbones", "list_datasets",
+    "load_backbone", "load_dataset", "mean_iou", "prepare_images", "prepare_labels", "probe_features", "probe_grid",
+    "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",
+]
 __version__ = "0.1.0"

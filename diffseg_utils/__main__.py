@@ -1,18 +1,28 @@
-"""Command line: ``python -m diffseg_utils reproduce`` runs every notebook headless, in order.
+"""Command line.
 
-Executed notebooks go to ``results/notebooks/`` and the numbers they recorded to
-``results/summary.md``. ``--notebooks 01 02`` runs a subset; ``--timeout`` bounds one cell.
+``python -m diffseg_utils reproduce`` runs the notebooks headless, in order, with papermill. The
+parameters cell of each notebook (tagged ``parameters``) receives ``--backbone`` / ``--dataset`` /
+``--set KEY=VALUE``; executed notebooks go to ``results/<run>/notebooks/`` and the numbers they
+recorded to ``results/<run>/summary.md``, where ``<run>`` is the backbone's name (``toy`` when none
+is given)::
+
+    python -m diffseg_utils reproduce                                           # every notebook, toy model
+    python -m diffseg_utils reproduce --backbone toy-faces-ddpm --dataset toy-faces --notebooks 01,02
+    python -m diffseg_utils list                                                # known backbones and datasets
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .registry import REPO_ROOT
-from .report import results_dir, summary_markdown
+from .report import run_name, summary_markdown
 
 
 def notebooks(selected: list[str] | None = None) -> list[Path]:
@@ -23,50 +33,120 @@ def notebooks(selected: list[str] | None = None) -> list[Path]:
     return nbs
 
 
-def reproduce(selected: list[str] | None = None, timeout: int = 1800) -> int:
-    import nbformat
-    from nbclient import NotebookClient
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v  # a bare string
+    return out
 
-    out_dir = results_dir() / "notebooks"
+
+@contextlib.contextmanager
+def _quiet_kernel_stderr():
+    """The kernel process inherits file descriptor 2 and prints its own log there (e.g. ipykernel's notice
+    that a loopback kernel runs over TCP without encryption). Point fd 2 at /dev/null for the kernel
+    while this process keeps writing its progress bar to the real stderr. A failing cell still raises
+    here, with its traceback, through papermill."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. inside some notebook frontends)
+        yield
+        return
+    old_stderr = sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.close()
+        sys.stderr = old_stderr
+        os.close(saved)
+        os.close(devnull)
+
+
+def reproduce(selected: list[str] | None = None, *, backbone: str | None = None, dataset: str | None = None,
+              params: dict | None = None, timeout: int = 1800, results: Path | None = None,
+              progress: bool = True) -> Path:
+    """Execute notebooks with injected parameters; returns the run's results folder."""
+    import papermill as pm
+
+    params = dict(params or {})
+    if backbone:
+        params["BACKBONE"] = backbone
+    if dataset:
+        params["DATASET"] = dataset
+    root = Path(results or os.environ.get("DIFFSEG_RESULTS_ROOT", REPO_ROOT / "results")) / run_name(backbone, dataset)
+    out_dir = root / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     nbs = notebooks(selected)
     if not nbs:
-        print("no notebooks yet (notebooks/NN_*.ipynb); nothing to run")
+        raise SystemExit(f"no notebooks match {selected}; available: {[p.stem for p in notebooks()]}")
+    os.environ["DIFFSEG_RESULTS"] = str(root)
     sections = []
-    for p in nbs:
+    t_all = time.time()
+    for i, p in enumerate(nbs, 1):
         section = p.stem
         sections.append(section)
-        metrics = results_dir() / "metrics" / f"{section}.json"
+        metrics = root / "metrics" / f"{section}.json"
         if metrics.exists():
             metrics.unlink()
         os.environ["DIFFSEG_SECTION"] = section
+        print(f"[{i}/{len(nbs)}] {section} ({', '.join(f'{k}={v!r}' for k, v in params.items()) or 'defaults'})",
+              flush=True)
         t0 = time.time()
-        print(f"[{section}] running ...", flush=True)
-        nb = nbformat.read(p, as_version=4)
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(p.parent)}}).execute()
-        nbformat.write(nb, out_dir / p.name)
-        print(f"[{section}] done in {time.time() - t0:.0f} s -> {out_dir / p.name}", flush=True)
-    (results_dir() / "summary.md").write_text(summary_markdown(sections))
-    print(f"wrote {results_dir() / 'summary.md'}")
-    return 0
+        with warnings.catch_warnings(), _quiet_kernel_stderr():
+            warnings.simplefilter("ignore")
+            pm.execute_notebook(str(p), str(out_dir / p.name), parameters=params, cwd=str(p.parent),
+                                kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
+                                log_output=False, report_mode=False)
+        print(f"    done in {time.time() - t0:.0f} s -> {out_dir / p.name}", flush=True)
+    summary = root / "summary.md"
+    summary.write_text(summary_markdown(sections, title=f"backbone {backbone or 'toy'}, dataset {dataset or 'default'}"))
+    print(f"all {len(nbs)} notebooks in {time.time() - t_all:.0f} s; wrote {summary}")
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffseg_utils", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("reproduce", help="execute every notebook in order and write results/summary.md")
-    r.add_argument("--notebooks", nargs="*", help="prefixes of the notebooks to run, e.g. 00 01")
+    r = sub.add_parser("reproduce", help="execute the notebooks in order and write results/<run>/summary.md")
+    r.add_argument("--notebooks", default="", help="comma-separated prefixes of the notebooks to run, e.g. 01,02")
+    r.add_argument("--backbone", help="injected as BACKBONE (a short name, hub id, local directory or ADM .pt)")
+    r.add_argument("--dataset", help="injected as DATASET (a registered name or a folder)")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more parameters to inject, e.g. --set N_TRAIN=10 SEED=1")
     r.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
-    sub.add_parser("list", help="list the known backbones")
+    r.add_argument("--results", type=Path, help="results root (default: <repo>/results)")
+    r.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    sub.add_parser("list", help="list the known backbones and datasets")
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
-        return reproduce(a.notebooks, a.timeout)
+        sel = [s for s in a.notebooks.replace(" ", ",").split(",") if s]
+        reproduce(sel or None, backbone=a.backbone, dataset=a.dataset, params=_parse_set(a.set), timeout=a.timeout,
+                  results=a.results, progress=not a.no_progress)
+        return 0
     from .registry import list_backbones
 
+    print("backbones:")
     for k, v in list_backbones().items():
-        print(f"{k:16s} {v}")
+        print(f"  {k:16s} {v}")
+    try:
+        from .datasets import list_datasets
+    except ImportError:
+        return 0
+    print("datasets:")
+    for k, v in list_datasets().items():
+        print(f"  {k:16s} {v}")
     return 0
 
 

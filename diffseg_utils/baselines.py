@@ -7,6 +7,7 @@ any representation at all. DDPM-Seg's claim is about what features add on top of
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .features import FeatureMaps
@@ -27,3 +28,19 @@ def rgbxy_features(images: torch.Tensor) -> FeatureMaps:
     xs = (torch.arange(w, device=images.device, dtype=images.dtype) + 0.5) / w
     grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])[None].expand(n, 2, h, w)
     return FeatureMaps({(0, "rgbxy"): torch.cat([images, grid], 1)}, (h, w), [0], ["rgbxy"])
+
+
+def baseline_features(images, kind: str = "rgb", device: torch.device | str | None = None) -> FeatureMaps:
+    """A baseline :class:`FeatureMaps` of images given as (N, H, W, 3) uint8 (numpy or torch).
+
+    ``kind``: "rgb" (colour only) or "rgbxy" (colour and position); values as float32 in [0, 1].
+    """
+    if kind not in ("rgb", "rgbxy"):
+        raise ValueError(f"kind must be 'rgb' or 'rgbxy', got {kind!r}")
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"images must be (N, H, W, 3) uint8; got {tuple(x.shape)} {x.dtype}")
+    x = x.to(device or "cpu").permute(0, 3, 1, 2).float() / 255
+    if kind == "rgbxy":
+        return rgbxy_features(x)
+    return FeatureMaps({(0, "rgb"): x}, tuple(x.shape[-2:]), [0], ["rgb"])

@@ -773,3 +773,62 @@ def ignore_small_classes(labels: np.ndarray, min_pixels: int = 20, ignore_index:
             if v != ignore_index and c < min_pixels:
                 out[i][out[i] == v] = ignore_index
     return out
+
+
+@dataclass
+class FewShotData:
+    """Labelled images for a few-shot experiment, split three ways (see :func:`fewshot_splits`).
+
+    ``train`` fits, ``val`` chooses (blocks, timesteps, thresholds), ``test`` reports; each is a
+    :class:`SegmentationSplit` with images (N, H, W, 3) uint8 and labels (N, H, W) int64 at ``size``.
+    ``ignore_index`` is never None: datasets without an ignore label use 255 (absent from their maps).
+    """
+
+    name: str
+    train: SegmentationSplit
+    val: SegmentationSplit
+    test: SegmentationSplit
+    class_names: tuple[str, ...]
+    ignore_index: int
+    size: int
+    note: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def fewshot_splits(name_or_path: str | os.PathLike, *, n_train: int, n_val: int, n_test: int, size: int,
+                   root: str | os.PathLike | None = None) -> FewShotData:
+    """Train / validation / test images of a labelled dataset at ``size`` x ``size`` pixels.
+
+    Procedural worlds have all three splits. A dataset without a validation split (DDPM-Seg's
+    releases, folders with train/test only) takes its validation images from the *end* of its
+    training files and its training images from the start, so the two never overlap; ``note`` says so.
+    Asking for more images than a split holds raises ValueError.
+    """
+    if min(n_train, n_val, n_test) < 0 or n_train == 0 or n_test == 0:
+        raise ValueError(f"need n_train >= 1, n_val >= 0, n_test >= 1; got {n_train}, {n_val}, {n_test}")
+    kw = dict(size=size) if root is None else dict(size=size, root=root)
+    train_ds = load_dataset(name_or_path, "train", **kw)
+    if train_ds.class_names is None:
+        raise ValueError(f"{name_or_path!r} has no label maps; few-shot segmentation needs labelled images")
+    test_ds = load_dataset(name_or_path, "test", **kw)
+    note = ""
+    try:
+        val_ds = load_dataset(name_or_path, "validation", **kw)
+        val = val_ds.take(n_val)
+        train = train_ds.take(n_train)
+    except (ValueError, FileNotFoundError):
+        if n_train + n_val > len(train_ds):
+            raise ValueError(f"{name_or_path!r} has {len(train_ds)} training images and no validation split; "
+                             f"n_train + n_val = {n_train + n_val} do not fit") from None
+        train, val = train_ds.take(n_train), train_ds.take(n_val, start=len(train_ds) - n_val)
+        note = (f"no validation split: validation = the last {n_val} of the {len(train_ds)} training images, "
+                f"training = the first {n_train}")
+    for split, ds_, n in (("train", train_ds, n_train), ("test", test_ds, n_test)):
+        if n > len(ds_):
+            raise ValueError(f"{name_or_path!r} has {len(ds_)} {split} images; asked for {n}")
+    ignore = train_ds.ignore_index if train_ds.ignore_index is not None else 255
+    return FewShotData(str(name_or_path), train, val, test_ds.take(n_test), tuple(train_ds.class_names), ignore, size,
+                       note)

@@ -20,9 +20,16 @@ from .pixel_classifier import EnsembleConfig, PixelEnsemble
 
 @dataclass
 class SegmentationResult:
-    labels: torch.Tensor        # (N, H, W) majority vote
-    uncertainty: torch.Tensor   # (N, H, W) ensemble disagreement
-    image_scores: torch.Tensor  # (N,) mean of the top-10% pixel uncertainties
+    """DDPM-Seg's output for N images at the features' image size (H, W).
+
+    labels: (N, H, W) int64 majority vote of the members;
+    uncertainty: (N, H, W) float ensemble disagreement (entropy of the members' votes);
+    image_scores: (N,) float mean of each image's top-10% pixel uncertainties.
+    """
+
+    labels: torch.Tensor
+    uncertainty: torch.Tensor
+    image_scores: torch.Tensor
 
 
 class FewShotSegmenter:
@@ -31,9 +38,10 @@ class FewShotSegmenter:
     blocks / timesteps: what to extract (ints in ``blocks`` are ADM ``output_blocks`` indices);
     ``config`` the ensemble's hyperparameters (default: the paper's, 10 members);
     ``min_class_pixels``: classes smaller than this in a training image are ignored (paper: 20).
+    ``backbone`` may be None when every call passes precomputed ``features``.
     """
 
-    def __init__(self, backbone: Backbone, blocks: Sequence[str | int], timesteps: Sequence[int], num_classes: int,
+    def __init__(self, backbone: Backbone | None, blocks: Sequence[str | int], timesteps: Sequence[int], num_classes: int,
                  config: EnsembleConfig | None = None, noise_seed: int = 0, min_class_pixels: int = 20,
                  batch_size: int = 8):
         self.backbone, self.blocks, self.timesteps = backbone, list(blocks), list(timesteps)
@@ -44,13 +52,21 @@ class FewShotSegmenter:
         self.ensemble: PixelEnsemble | None = None
 
     def features(self, images) -> FeatureMaps:
+        """:class:`FeatureMaps` of ``images`` at the segmenter's blocks and timesteps."""
+        if self.backbone is None:
+            raise ValueError("this segmenter has no backbone; pass features=... (or build it with a backbone)")
         return extract_features(self.backbone, images, self.blocks, self.timesteps, seed=self.noise_seed,
                                 batch_size=self.batch_size)
 
     def fit(self, images, labels, *, features: FeatureMaps | None = None, max_pixels: int | None = None,
             progress: bool = True) -> "FewShotSegmenter":
-        """Train the ensemble on labelled images (or on precomputed ``features`` of them)."""
+        """Train the ensemble on labelled images (or on precomputed ``features`` of them).
+
+        labels: (N, H, W) integer class maps at the features' image size, ``config.ignore_index`` = ignore.
+        ``features`` must hold exactly the segmenter's timesteps and blocks (select them first).
+        """
         fm = features or self.features(images)
+        self._check(fm)
         labels = ignore_small_classes(np.asarray(labels), self.min_class_pixels, self.config.ignore_index)
         self.ensemble = PixelEnsemble(self.config, fm.channels, fm.device).fit(fm, labels, progress=progress,
                                                                                 max_pixels=max_pixels)
@@ -60,4 +76,39 @@ class FewShotSegmenter:
         if self.ensemble is None:
             raise RuntimeError("the ensemble is not trained; call .fit(images, labels) first")
         fm = features or self.features(images)
+        self._check(fm)
         return SegmentationResult(*self.ensemble.predict(fm))
+
+    def _check(self, fm: FeatureMaps) -> None:
+        blocks = [b if isinstance(b, str) else None for b in self.blocks]
+        ts = [int(t) for t in self.timesteps]
+        if [int(t) for t in fm.timesteps] != ts or (None not in blocks and list(fm.blocks) != blocks):
+            raise ValueError(f"features hold timesteps {fm.timesteps} x blocks {fm.blocks}, but this segmenter uses "
+                             f"timesteps {ts} x blocks {self.blocks}; pass features.select(blocks, timesteps)")
+
+
+def fewshot_miou(train_features: FeatureMaps, train_labels, test_features: FeatureMaps, test_labels, *,
+                 num_classes: int, seed: int = 0, ignore_index: int = 255, max_pixels: int | None = None,
+                 min_class_pixels: int = 20, convention: str = "ddpmseg") -> tuple[float, SegmentationResult]:
+    """Fit a 10-member DDPM-Seg ensemble on precomputed features and score it on test features.
+
+    Features: :class:`FeatureMaps` of the train / test images (any blocks and timesteps, used as
+    given); labels: (N, H, W) integer maps at the features' image size. Returns the test mIoU and
+    the :class:`SegmentationResult`. ``convention="ddpmseg"`` scores as DDPM-Seg's ``compute_iou``
+    (every class but the ignore label counts, absent ones as 0: :func:`~diffseg_utils.metrics.ddpmseg_miou`);
+    ``"skip"`` leaves out classes absent from both maps (:func:`~diffseg_utils.metrics.mean_iou`).
+    """
+    from .metrics import ddpmseg_miou, mean_iou
+
+    if convention not in ("ddpmseg", "skip"):
+        raise ValueError(f"convention must be 'ddpmseg' or 'skip', got {convention!r}")
+
+    cfg = EnsembleConfig(num_classes=num_classes, seed=seed, ignore_index=ignore_index)
+    seg = FewShotSegmenter(None, train_features.blocks, train_features.timesteps, num_classes, config=cfg,
+                           min_class_pixels=min_class_pixels)
+    seg.fit(None, train_labels, features=train_features, max_pixels=max_pixels, progress=False)
+    res = seg.predict(features=test_features)
+    gt = torch.as_tensor(np.asarray(test_labels))
+    if convention == "ddpmseg":
+        return float(ddpmseg_miou(res.labels.cpu(), gt, num_classes, ignore_index)), res
+    return float(mean_iou(res.labels.cpu(), gt, num_classes, ignore_index=ignore_index)), res

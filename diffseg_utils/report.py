@@ -19,8 +19,15 @@ def results_dir() -> Path:
     return Path(os.environ.get("DIFFSEG_RESULTS", REPO_ROOT / "results"))
 
 
-def record(key: str, value, *, target: str | None = None, section: str | None = None, note: str = "") -> None:
-    """Store one computed number (or short string) under ``section``."""
+def record(key: str, value, *, target: str | None = None, section: str | None = None, note: str = "",
+           baseline: str | None = None, paper: str | None = None, meaning: str = "") -> None:
+    """Store one computed number (or short string) under ``section``.
+
+    What the number is read against goes beside it in the summary: ``baseline`` names another key
+    recorded in the same section (its value is shown, e.g. the raw-RGB floor measured in the same
+    run), ``paper`` the published figure, ``target`` the repo's goal; ``meaning`` says in a few
+    words what the number measures.
+    """
     section = section or os.environ.get("DIFFSEG_SECTION", "interactive")
     d = results_dir() / "metrics"
     d.mkdir(parents=True, exist_ok=True)
@@ -28,13 +35,20 @@ def record(key: str, value, *, target: str | None = None, section: str | None = 
     data = json.loads(f.read_text()) if f.exists() else {}
     if hasattr(value, "item"):
         value = value.item()
-    data[key] = {"value": value, "target": target, "note": note}
+    data[key] = {"value": value, "target": target, "note": note, "baseline": baseline, "paper": paper,
+                 "meaning": meaning}
     f.write_text(json.dumps(data, indent=1))
 
 
-def summary_markdown(sections: list[str]) -> str:
+def _fmt(val) -> str:
+    return f"{val:.4g}" if isinstance(val, float) else str(val)
+
+
+def summary_markdown(sections: list[str], title: str = "") -> str:
     """A markdown report of the recorded metrics of the given sections, in order."""
-    lines = ["# Results", "", "Numbers computed by the notebooks in this run (`python -m diffseg_utils reproduce`).", ""]
+    lines = [f"# Results{': ' + title if title else ''}", "",
+             "Numbers computed by the notebooks in this run (`python -m diffseg_utils reproduce`), each beside what "
+             "it is read against: a baseline measured in the same run, the paper's figure, or the repo's target.", ""]
     for s in sections:
         f = results_dir() / "metrics" / f"{s}.json"
         lines.append(f"## {s}")
@@ -42,10 +56,74 @@ def summary_markdown(sections: list[str]) -> str:
         if not f.exists():
             lines += ["(no metrics recorded)", ""]
             continue
-        lines += ["| metric | value | target | note |", "|---|---|---|---|"]
-        for k, v in json.loads(f.read_text()).items():
-            val = v["value"]
-            val = f"{val:.4g}" if isinstance(val, float) else str(val)
-            lines.append(f"| {k} | {val} | {v.get('target') or ''} | {v.get('note') or ''} |")
+        lines += ["| metric | value | read against | meaning |", "|---|---|---|---|"]
+        data = json.loads(f.read_text())
+        for k, v in data.items():
+            against = []
+            if v.get("baseline"):
+                b = data.get(v["baseline"])
+                against.append(f"{v['baseline']} = {_fmt(b['value'])}" if b else f"{v['baseline']} (not recorded)")
+            if v.get("paper"):
+                against.append(f"paper: {v['paper']}")
+            if v.get("target"):
+                against.append(f"target {v['target']}")
+            meaning = "; ".join(x for x in (v.get("meaning"), v.get("note")) if x)
+            lines.append(f"| {k} | {_fmt(v['value'])} | {'; '.join(against)} | {meaning} |")
         lines.append("")
     return "\n".join(lines)
+
+
+EXPECTED_FILE = REPO_ROOT / "notebooks" / "expected.json"
+"""Committed expected numbers per notebook and run (backbone + dataset), with tolerances and why."""
+
+
+def run_name(backbone: str | None, dataset: str | None) -> str:
+    """The name of a (backbone, dataset) run: results go to ``results/<run>/``, expected numbers are
+    keyed by it. The backbone's short name (or the last part of its path), plus the dataset's."""
+    import re
+
+    name = Path(str(backbone)).name if backbone else "toy"
+    if dataset:
+        name += "__" + Path(str(dataset)).name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def check_expected(notebook: str, run: str, values: dict[str, float], *, params: dict | None = None,
+                   path: str | Path | None = None, strict: bool = True) -> dict[str, bool]:
+    """Compare a notebook's computed numbers with the committed expected ones; print one line each.
+
+    ``path`` (default :data:`EXPECTED_FILE`) holds ``{notebook: {run: {"params": {...}, "values":
+    {name: {"value", "tol", "why"}}}}}``. Prints ``name: ok`` when ``|value - expected| <= tol``,
+    else the difference. A run with no committed numbers (another backbone or dataset), or with
+    other ``params`` than those the numbers were measured with, says so and checks nothing.
+    ``strict`` raises ``AssertionError`` on any mismatch (so a headless run fails loudly).
+    """
+    f = Path(path or EXPECTED_FILE)
+    entry = json.loads(f.read_text()).get(notebook, {}).get(run) if f.exists() else None
+    if not entry:
+        print(f"no expected numbers committed for {notebook} on run {run!r}; nothing to check")
+        return {}
+    if params is not None and entry.get("params") is not None:
+        norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
+        if norm(params) != norm(entry["params"]):
+            print(f"the expected numbers of {notebook} on run {run!r} were measured with other parameters; "
+                  "nothing to check")
+            return {}
+    table = entry["values"]
+    ok, bad = {}, []
+    for name, exp in table.items():
+        if name not in values:
+            bad.append(f"{name}: not computed in this run")
+            ok[name] = False
+            continue
+        diff = abs(float(values[name]) - float(exp["value"]))
+        ok[name] = diff <= float(exp["tol"])
+        if ok[name]:
+            print(f"{name}: ok")
+        else:
+            bad.append(f"{name}: {float(values[name]):.4f} differs from the expected {exp['value']:.4f} "
+                       f"by {diff:.4f} (tolerance {exp['tol']}: {exp.get('why', '')})")
+            print(bad[-1])
+    if bad and strict:
+        raise AssertionError("numbers differ from notebooks/expected.json:\n" + "\n".join(bad))
+    return ok

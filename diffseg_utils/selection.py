@@ -46,6 +46,14 @@ class PlaceChoice:
     blocks: list[str]
     timesteps: list[int]
 
+    def best_of(self, features: FeatureMaps) -> FeatureMaps:
+        """``features`` at the best single place (a view, no copy)."""
+        return features.select([self.best_block], [self.best_t])
+
+    def combo_of(self, features: FeatureMaps) -> FeatureMaps:
+        """``features`` at the chosen concatenation of blocks and timesteps (a view, no copy)."""
+        return features.select(self.blocks, self.timesteps)
+
 
 def _distinct_best(table: ProbeTable, feats: FeatureMaps, t: int, n: int) -> list[str]:
     """The ``n`` best blocks at ``t`` whose outputs differ (a block and its last sub-layer can be equal)."""
@@ -64,7 +72,7 @@ def choose_places(backbone: Backbone | None, train_images, train_labels, val_ima
                   timesteps: Sequence[int], num_classes: int, blocks: Sequence[str | int] | None = None,
                   n_blocks: int = 3, n_timesteps: int = 3, per_class: int = 2000, seed: int = 0,
                   batch_size: int = 16, progress: bool = True, train_features: FeatureMaps | None = None,
-                  val_features: FeatureMaps | None = None) -> PlaceChoice:
+                  val_features: FeatureMaps | None = None, ignore_index: int = 255) -> PlaceChoice:
     """Pick blocks and timesteps for DDPM-Seg features on labelled validation images.
 
     images: anything :func:`~diffseg_utils.prepare_images` accepts (N, H, W, 3 uint8 arrays, PIL images, ...);
@@ -82,7 +90,7 @@ def choose_places(backbone: Backbone | None, train_images, train_labels, val_ima
         raise ValueError("timesteps is empty; give the noise levels to sweep, e.g. [25, 50, 100, 200]")
     if blocks is None:
         if backbone is None:
-            blocks = list(dict.fromkeys(b for _, b in train_features.keys()))
+            blocks = list(train_features.blocks)
         else:
             blocks = decoder_blocks(backbone)
     kw = dict(seed=seed, batch_size=batch_size, progress=progress)
@@ -90,7 +98,7 @@ def choose_places(backbone: Backbone | None, train_images, train_labels, val_ima
     f_va = val_features or extract_features(backbone, val_images, list(blocks), timesteps, **kw)
     table = probe_grid(backbone, None, train_labels, None, val_labels, list(f_tr.blocks), timesteps,
                        num_classes=num_classes, per_class=per_class, seed=seed, progress=False,
-                       train_features=f_tr, test_features=f_va)
+                       train_features=f_tr, test_features=f_va, ignore_index=ignore_index)
     best_block, best_t, best = table.best()
     j = timesteps.index(int(best_t))
     lo = max(0, min(j - (n_timesteps - 1) // 2, len(timesteps) - n_timesteps))

@@ -114,3 +114,82 @@ def pca_rgb(features: torch.Tensor) -> np.ndarray:
     p = x @ v[:, :3]
     p = (p - p.min(0).values) / (p.max(0).values - p.min(0).values).clamp_min(1e-6)
     return (p.reshape(h, w, 3).cpu().numpy() * 255).astype(np.uint8)
+
+
+def label_legend(ax, class_names, labels=None, *, loc: str = "center left", fontsize: int = 6, unseen=()):
+    """A colour legend for label maps drawn by :func:`show_labels`, placed beside ``ax``.
+
+    ``class_names[k]`` names label id ``k`` (0 = background). With ``labels`` only the ids that
+    occur in them are listed. Names in ``unseen`` get a "*" and the legend title explains it.
+    """
+    from matplotlib.patches import Patch
+
+    ids = range(len(class_names))
+    if labels is not None:
+        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        ids = [k for k in ids if (lab == k).any()]
+    pal = label_palette(256)
+    star = lambda n: f"{n} *" if n in unseen else n  # noqa: E731
+    handles = [Patch(color=pal[k] / 255, label=star(class_names[k])) for k in ids]
+    title = "* unseen in training" if unseen else None
+    ax.legend(handles=handles, loc=loc, bbox_to_anchor=(1.02, 0.5), fontsize=fontsize, frameon=False, title=title,
+              title_fontsize=fontsize)
+    return ax
+
+
+def show_features(features, images, labels, block: str, t: int, idx: int = 0, *, axes=None, k: int = 6,
+                  seed: int = 0, class_names=None, title: str | None = None):
+    """One image, its ground truth, the PCA colours and a k-means clustering of one feature map.
+
+    ``features`` is a :class:`~diffseg_utils.features.FeatureMaps` holding ``(t, block)``;
+    ``images`` (N, H, W, 3) uint8 and ``labels`` (N, H, W) the images it was extracted from.
+    The map is upsampled (bilinear) to the image size first. Draws into 4 axes (made if None).
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.cluster import KMeans
+
+    if (t, block) not in features.maps:
+        raise KeyError(f"no features for block {block!r} at t={t}; have {features.keys}")
+    fmap = features.maps[(t, block)][idx].float()
+    up = torch.nn.functional.interpolate(fmap[None], size=features.image_size, mode="bilinear")[0]
+    if axes is None:
+        _, axes = plt.subplots(1, 4, figsize=(8, 2.2))
+    show_image(images[idx], axes[0], title=title or f"image {idx}")
+    show_labels(labels[idx], axes[1], title="ground truth")
+    axes[2].imshow(pca_rgb(up))
+    axes[2].set_axis_off()
+    axes[2].set_title(f"PCA of {block}\nt={t}", fontsize=7)
+    km = KMeans(k, n_init=3, random_state=seed).fit_predict(up.reshape(up.shape[0], -1).T.cpu().numpy())
+    show_labels(km.reshape(features.image_size) + 1, axes[3], title=f"k-means ({k}) on the features")
+    if class_names is not None:
+        label_legend(axes[1], class_names, labels[idx])
+    return axes
+
+
+def feature_explorer(features, images, labels, blocks, timesteps, *, block: str | None = None, t: int | None = None,
+                     seed: int = 0, class_names=None):
+    """An ipywidgets panel: a block dropdown, a t slider and an image slider over :func:`show_features`.
+
+    ``features`` must hold every (t, block) offered. Returns the widget (display it as a cell's last
+    line); it redraws one figure per change. Needs a live kernel to react; a headless run draws the
+    default once.
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    w_block = widgets.Dropdown(options=list(blocks), value=block or blocks[0], description="block")
+    w_t = widgets.SelectionSlider(options=list(timesteps), value=t if t is not None else timesteps[0], description="t")
+    w_img = widgets.IntSlider(0, 0, len(images) - 1, description="image")
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            show_features(features, images, labels, w_block.value, w_t.value, w_img.value, seed=seed,
+                          class_names=class_names)
+            plt.show()
+
+    for w in (w_block, w_t, w_img):
+        w.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([w_block, w_t, w_img]), out])
