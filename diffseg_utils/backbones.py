@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .inputs import ImageLike, prepare_images
-from .registry import REGISTRY, TOY_FACES_DIR, TOY_FACES_TRAIN_COMMAND, TOY_SD_DIR, TOY_TRAIN_COMMAND
+from .registry import (PAPER_PROMPT_TEMPLATE, REGISTRY, TOY_FACES_DIR, TOY_FACES_TRAIN_COMMAND, TOY_SD_DIR,
+                       TOY_TRAIN_COMMAND)
 
 
 class WeightsNotAvailableError(FileNotFoundError):
@@ -92,6 +93,10 @@ class Backbone:
         self.latent_channels = int(unet.config.in_channels)
         self._blocks: dict[str, BlockInfo] | None = None
         self._empty: torch.Tensor | None = None
+        # conventions that belong to the checkpoint (set from the registry by load_backbone):
+        self.prompt_template: str = PAPER_PROMPT_TEMPLATE  # how a class name becomes a prompt
+        self.dataset: str | None = None                    # the dataset it was trained for, if any
+        self.grounding_defaults: str | None = None         # module with toy-specific grounding settings
 
     def _place(self, module: nn.Module) -> nn.Module:
         """Move to the backbone's device and dtype (only what differs), frozen, in eval mode."""
@@ -106,6 +111,14 @@ class Backbone:
         n = sum(p.numel() for p in self.unet.parameters())
         return (f"Backbone({self.name!r}, kind={self.kind}, resolution={self.resolution}, "
                 f"unet={n / 1e6:.1f}M params, device={self.device}, dtype={self.dtype})")
+
+    def with_unet(self, unet: nn.Module, name: str, text_encoder: nn.Module | None = None) -> "Backbone":
+        """A backbone sharing everything with this one but the UNet (and optionally the text encoder),
+        conventions included (prompt template, dataset, grounding defaults)."""
+        bb = Backbone(unet=unet, scheduler=self.scheduler, vae=self.vae, text_encoder=text_encoder or self.text_encoder,
+                      tokenizer=self.tokenizer, name=name, device=self.device, dtype=self.dtype)
+        bb.prompt_template, bb.dataset, bb.grounding_defaults = self.prompt_template, self.dataset, self.grounding_defaults
+        return bb
 
     # ---------------------------------------------------------------- sizes and inputs
     @property
@@ -172,14 +185,26 @@ class Backbone:
         return self.scheduler.add_noise(x0, noise.to(x0), t)
 
     def check_timesteps(self, t: torch.Tensor | int | list[int], n: int) -> torch.Tensor:
-        """A (n,) long tensor of timesteps, checked against the scheduler's range."""
-        t = torch.as_tensor(t, device=self.device).long()
+        """A (n,) long tensor of timesteps on the backbone's device, checked against the scheduler's range.
+
+        Python ints / lists and CPU tensors are checked on the host (a clear ValueError). A tensor
+        already on an accelerator is checked there without waiting for it (``torch._assert_async``):
+        no host synchronisation inside per-step loops.
+        """
+        T = self.scheduler.config.num_train_timesteps
+        on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
+        if on_host:
+            th = torch.as_tensor(t).long()
+            if th.numel() and (int(th.min()) < 0 or int(th.max()) >= T):
+                raise ValueError(f"timesteps must lie in [0, {T - 1}] (the scheduler's num_train_timesteps={T}); got "
+                                 f"{int(th.min())}..{int(th.max())}")
+            t = th.to(self.device)
+        else:
+            t = t.to(self.device).long()
+            if t.numel():
+                torch._assert_async(((t >= 0) & (t < T)).all())
         if t.ndim == 0:
             t = t.expand(n)
-        T = self.scheduler.config.num_train_timesteps
-        if t.numel() and (t.min() < 0 or t.max() >= T):
-            raise ValueError(f"timesteps must lie in [0, {T - 1}] (the scheduler's num_train_timesteps={T}); got "
-                             f"{t.min().item()}..{t.max().item()}")
         return t
 
     def unet_forward(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor | None = None,
@@ -401,17 +426,27 @@ def load_backbone(name_or_path: str, device: torch.device | str | None = None, d
             text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **mkw)
             tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
             scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
-            return Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                            scheduler=scheduler, name=name, device=device, dtype=dtype)
+            return _annotate(Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                      scheduler=scheduler, name=name, device=device, dtype=dtype), entry)
         sub = "unet" if index is not None and "unet" in index and _has_subfolder(root, "unet", kw) else None
         unet = UNet2DModel.from_pretrained(root, subfolder=sub, **mkw)
         sched_sub = "scheduler" if index is not None and "scheduler" in index and _has_subfolder(root, "scheduler", kw) else None
         scheduler = DDPMScheduler.from_pretrained(root, subfolder=sched_sub, **kw)
-        return Backbone(unet=unet, scheduler=scheduler, name=name, device=device, dtype=dtype)
+        return _annotate(Backbone(unet=unet, scheduler=scheduler, name=name, device=device, dtype=dtype), entry)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if isinstance(e, WeightsNotAvailableError):
             raise
         raise _missing(source, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _annotate(bb: Backbone, entry) -> Backbone:
+    """Copy a registry entry's per-backbone conventions onto the backbone (prompt template, the
+    dataset it belongs to, the module holding its toy-specific grounding defaults)."""
+    if entry is not None:
+        bb.prompt_template = entry.prompt_template
+        bb.dataset = entry.dataset
+        bb.grounding_defaults = entry.grounding_defaults
+    return bb
 
 
 def _load_adm_backbone(path: str, device, dtype, adm_flags) -> Backbone:
@@ -454,6 +489,4 @@ def untrained_like(backbone: Backbone, seed: int = 0) -> Backbone:
     """
     torch.manual_seed(seed)
     unet = type(backbone.unet).from_config(backbone.unet.config)
-    return Backbone(unet=unet, scheduler=backbone.scheduler, vae=backbone.vae, text_encoder=backbone.text_encoder,
-                    tokenizer=backbone.tokenizer, name=f"{backbone.name} (untrained UNet)", device=backbone.device,
-                    dtype=backbone.dtype)
+    return backbone.with_unet(unet, name=f"{backbone.name} (untrained UNet)")

@@ -28,12 +28,14 @@ class RegistryEntry:
     note: str = ""
     prompt_template: str = PAPER_PROMPT_TEMPLATE  # how a class name becomes a prompt (text-conditional models)
     dataset: str | None = None  # the dataset the model was trained on / is meant for, when there is one
+    grounding_defaults: str | None = None  # module with grounding settings specific to this backbone (toy)
 
 
 REGISTRY: dict[str, RegistryEntry] = {
     # the toy SD was trained on captions "a photo of a ..." only: "photograph" is an untrained token for it
     "toy": RegistryEntry(str(TOY_SD_DIR), "latent", "tiny SD trained on the toy shapes world, shipped in data/toy-sd",
-                         prompt_template="a photo of a {}", dataset="toy-shapes"),
+                         prompt_template="a photo of a {}", dataset="toy-shapes",
+                         grounding_defaults="diffseg_utils.toy.grounding_defaults"),
     "toy-faces-ddpm": RegistryEntry(str(TOY_FACES_DIR), "pixel",
                                     "tiny unconditional pixel DDPM trained on the toy faces world, shipped in "
                                     "data/toy-faces-ddpm", dataset="toy-faces"),

@@ -37,8 +37,7 @@ def pixel_backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -
         unet.load_state_dict(st["ema"])
     except RuntimeError as e:
         raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
-    return Backbone(unet=unet, scheduler=backbone.scheduler, name=f"{backbone.name} @ step {int(st['step'])}",
-                    device=backbone.device, dtype=backbone.dtype)
+    return backbone.with_unet(unet, name=f"{backbone.name} @ step {int(st['step'])}")
 
 
 @torch.no_grad()

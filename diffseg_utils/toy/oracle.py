@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..grounding.segmenter import SegmenterOutput  # noqa: F401  (the general interface; importable from here too)
 from ..metrics import confusion_matrix, iou_per_class
 from .world import CATEGORIES, NUM_CLASSES, render
 
@@ -51,15 +51,6 @@ def world_spec(world: str) -> tuple:
 
         names = PARTS
     return fn, tuple(names)
-
-
-@dataclass
-class SegmenterOutput:
-    """Per-category masks and confidence scores for a batch of images."""
-
-    masks: torch.Tensor   # (N, K, H, W) bool
-    scores: torch.Tensor  # (N, K) float, 0 = not found
-    class_names: tuple[str, ...]
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

@@ -178,6 +178,4 @@ def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Back
         text.load_state_dict(st["ema"]["text"])
     except RuntimeError as e:
         raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
-    return Backbone(unet=unet, scheduler=backbone.scheduler, vae=backbone.vae, text_encoder=text,
-                    tokenizer=backbone.tokenizer, name=f"{backbone.name} @ step {st['step']}",
-                    device=backbone.device, dtype=backbone.dtype)
+    return backbone.with_unet(unet, name=f"{backbone.name} @ step {st['step']}", text_encoder=text)
