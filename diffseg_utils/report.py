@@ -89,27 +89,37 @@ def run_name(backbone: str | None, dataset: str | None) -> str:
 
 
 def check_expected(notebook: str, run: str, values: dict[str, float], *, params: dict | None = None,
-                   path: str | Path | None = None, strict: bool = True) -> dict[str, bool]:
+                   tol: float = 0.002, why: str = "", path: str | Path | None = None,
+                   strict: bool = True) -> dict[str, bool]:
     """Compare a notebook's computed numbers with the committed expected ones; print one line each.
 
-    ``path`` (default :data:`EXPECTED_FILE`) holds ``{notebook: {run: {"params": {...}, "values":
-    {name: {"value", "tol", "why"}}}}}``. Prints ``name: ok`` when ``|value - expected| <= tol``,
-    else the difference. A run with no committed numbers (another backbone or dataset), or with
-    other ``params`` than those the numbers were measured with, says so and checks nothing.
-    ``strict`` raises ``AssertionError`` on any mismatch (so a headless run fails loudly).
+    ``path`` (default :data:`EXPECTED_FILE`) holds ``{notebook: {run: [{"params": {...}, "values":
+    {name: {"value", "tol", "why"}}}, ...]}}``: per (backbone, dataset) run, one entry per parameter
+    set that was measured. Prints ``name: ok`` when ``|value - expected| <= tol``, else the
+    difference. A run with no committed numbers for these ``params`` (another backbone, dataset or
+    setting) says so and checks nothing. ``strict`` raises ``AssertionError`` on any mismatch, so a
+    headless run fails loudly.
+
+    With the environment variable ``DIFFSEG_RECORD_EXPECTED=1`` the numbers are *recorded* instead
+    (tolerance ``tol``, reason ``why``): how the committed values are made, from a reviewed run.
     """
     f = Path(path or EXPECTED_FILE)
-    entry = json.loads(f.read_text()).get(notebook, {}).get(run) if f.exists() else None
-    if not entry:
-        print(f"no expected numbers committed for {notebook} on run {run!r}; nothing to check")
+    norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
+    data = json.loads(f.read_text()) if f.exists() else {}
+    entries = data.get(notebook, {}).get(run, [])
+    match = next((e for e in entries if params is None or norm(e.get("params")) == norm(params)), None)
+    if os.environ.get("DIFFSEG_RECORD_EXPECTED") == "1":
+        new = {"params": norm(params), "values": {k: {"value": float(v), "tol": tol, "why": why}
+                                                  for k, v in values.items()}}
+        entries = [e for e in entries if e is not match] + [new]
+        data.setdefault(notebook, {})[run] = entries
+        f.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(values)} expected numbers for {notebook} on run {run!r}")
+        return {k: True for k in values}
+    if match is None:
+        print(f"no expected numbers committed for {notebook} on run {run!r} with these parameters; nothing to check")
         return {}
-    if params is not None and entry.get("params") is not None:
-        norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
-        if norm(params) != norm(entry["params"]):
-            print(f"the expected numbers of {notebook} on run {run!r} were measured with other parameters; "
-                  "nothing to check")
-            return {}
-    table = entry["values"]
+    table = match["values"]
     ok, bad = {}, []
     for name, exp in table.items():
         if name not in values:

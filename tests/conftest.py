@@ -15,6 +15,12 @@ from diffseg_utils import load_backbone
 from diffseg_utils.topologies import write_ddpm_like, write_sd_like
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+# tests (and the notebook kernels nbval starts, which inherit this environment) never read or write the
+# user's results/: every recorded metric goes to a fresh temporary folder of this test session
+import tempfile  # noqa: E402
+
+os.environ["DIFFSEG_RESULTS"] = tempfile.mkdtemp(prefix="diffseg-test-results-")
+os.environ.pop("DIFFSEG_RECORD_EXPECTED", None)  # nbval compares with the committed numbers, never records them
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

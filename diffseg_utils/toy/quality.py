@@ -179,3 +179,59 @@ def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Back
     except RuntimeError as e:
         raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
     return backbone.with_unet(unet, name=f"{backbone.name} @ step {st['step']}", text_encoder=text)
+
+
+TARGETS = {
+    "toy-shapes": {"vae_psnr_db": ">= 28", "prompt_fidelity": ">= 0.80", "probe_mlp": ">= 0.60", "probe_gap": ">= 0.25"},
+    "toy-faces": {"samples_all_found": ">= 0.80", "probe_mlp": ">= 0.60", "probe_gap": ">= 0.15"},
+}
+"""The quality targets of the shipped toy models, per dataset they were trained on."""
+
+
+def _met(value: float, target: str) -> bool:
+    return value >= float(target.split()[-1])
+
+
+def quality_report(backbone: Backbone, *, seed: int = 0, n_fidelity: int = 64, guidance: float = 5.0,
+                   num_steps: int = 25, n_samples: int = 64) -> dict | None:
+    """The measured quality of a shipped toy model against its targets (:data:`TARGETS`), or None.
+
+    Dispatches on ``backbone.dataset``: the toy SD ("toy-shapes") gets VAE PSNR, prompt fidelity
+    (``n_fidelity`` guided generations judged by the shapes oracle) and the few-shot probe; the
+    pixel DDPM ("toy-faces") gets sample plausibility (``n_samples`` samples judged by the faces
+    oracle) and the probe. The probe (:func:`fewshot_probe`) runs on the trained and on an untrained
+    UNet (each at its own place chosen on validation images) and on raw RGB (+ x, y for faces).
+    Returns ``{"dataset", "rows": [(name, value, target or None, met or None)], "probes": {...}}``;
+    None for any other backbone (real checkpoints have no such gates).
+    """
+    from ..backbones import untrained_like
+    from ..registry import DATA_DIR
+
+    world = {"toy-shapes": "shapes", "toy-faces": "faces"}.get(getattr(backbone, "dataset", None))
+    if world is None:
+        return None
+    targets = TARGETS[backbone.dataset]
+    rows = []
+    if world == "shapes":
+        from .oracle import OracleSegmenter
+
+        rows.append(("vae_psnr_db", reconstruction_psnr(backbone, n=64)))
+        fid = prompt_fidelity(backbone, OracleSegmenter.load(DATA_DIR / "oracle", device=backbone.device),
+                              n=n_fidelity, guidance=guidance, num_steps=num_steps, seed=seed)
+        rows += [("prompt_fidelity", fid["all_found"]), ("object_hit_rate", fid["object_hit_rate"])]
+        kw: dict = {"seed": seed}
+    else:
+        from .gates import sample_plausibility
+        from .oracle import OracleSegmenter
+
+        plaus = sample_plausibility(backbone, OracleSegmenter.load(DATA_DIR / "oracle-faces", device=backbone.device),
+                                    n=n_samples, seed=seed)
+        rows.append(("samples_all_found", plaus["all_found"]))
+        kw = {"seed": seed, "world": "faces", "timesteps": (25, 50, 150)}
+    probes = {"trained": fewshot_probe(backbone, **kw), "untrained": fewshot_probe(untrained_like(backbone, seed), **kw),
+              "raw RGB": fewshot_probe_rgb(seed=seed, world=world, size=backbone.resolution)}
+    if world == "faces":
+        probes["raw RGB + (x, y)"] = fewshot_probe_rgb(seed=seed, world=world, size=backbone.resolution, position=True)
+    rows += [("probe_mlp", probes["trained"].mlp), ("probe_gap", probes["trained"].mlp - probes["untrained"].mlp)]
+    return {"dataset": backbone.dataset, "probes": probes,
+            "rows": [(k, float(v), targets.get(k), _met(v, targets[k]) if k in targets else None) for k, v in rows]}

@@ -1,0 +1,92 @@
+"""The notebooks adapt: one parameter cell holds every choice; numbers are checked, not just shown."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from diffseg_utils.datasets import list_datasets
+from diffseg_utils.registry import REPO_ROOT, list_backbones
+from diffseg_utils.report import check_expected, run_name
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NAMES = set(list_backbones()) | set(list_datasets())
+# the toy worlds' own modules name the toy; only the parameter cell (and notebook 00, which is about
+# the shipped toy models and guards its toy-only section by the backbone's own quality record) may
+TOY_MODULES = re.compile(r"diffseg_utils\.toy\b|from diffseg_utils import toy|\bworld\.(render|CATEGORIES)")
+
+
+def _code_cells(path: Path) -> list[dict]:
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_is_the_parameter_cell(path):
+    cells = _code_cells(path)
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert tagged == [0], f"{path.name}: the first code cell, and only it, must be tagged 'parameters'"
+    src = "".join(cells[0]["source"])
+    assert "BACKBONE" in src
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_only_the_parameter_cell_names_a_backbone_or_dataset(path):
+    for i, c in enumerate(_code_cells(path)[1:], 1):
+        src = "".join(c["source"])
+        quoted = set(re.findall(r"""["']([A-Za-z0-9_.\-]+)["']""", src))
+        named = sorted(quoted & NAMES)
+        assert not named, f"{path.name} code cell {i} names {named}; move the choice into the parameter cell"
+        if not path.name.startswith("00_"):
+            assert not TOY_MODULES.search(src), f"{path.name} code cell {i} uses a toy module: {TOY_MODULES.search(src)[0]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_ends_with_a_self_check(path):
+    last = "".join(_code_cells(path)[-1]["source"])
+    assert last.startswith("# NBVAL_CHECK_OUTPUT") and "check_expected(" in last
+    outputs = "".join("".join(o.get("text", "")) for o in _code_cells(path)[-1].get("outputs", []))
+    assert ": ok" in outputs, f"{path.name}: the committed self-check output shows no checked number"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_are_clean(path):
+    text = path.read_text()
+    for pattern, what in [(r"<Axes: ", "a stray Axes repr"), (r"Text\(\d", "a stray Text repr"),
+                          (r" at 0x[0-9a-f]{6,}", "a memory address"), (r"/tmp/", "a temporary path"),
+                          (r"/work/", "this machine's path"), (r"IOPub data rate", "a throttled output")]:
+        assert not re.search(pattern, text), f"{path.name} holds {what}"
+
+
+def test_check_expected_records_checks_and_refuses(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "expected.json"
+    params = {"N": 20}
+    monkeypatch.setenv("DIFFSEG_RECORD_EXPECTED", "1")
+    check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, tol=0.01, why="seeded", path=f)
+    monkeypatch.delenv("DIFFSEG_RECORD_EXPECTED")
+    assert check_expected("nb", "toy", {"a": 0.505, "b": 0.25}, params=params, path=f) == {"a": True, "b": True}
+    assert capsys.readouterr().out.splitlines()[-2:] == ["a: ok", "b: ok"]
+    with pytest.raises(AssertionError, match="a: 0.5200 differs"):
+        check_expected("nb", "toy", {"a": 0.52, "b": 0.25}, params=params, path=f)
+    with pytest.raises(AssertionError, match="b: not computed"):
+        check_expected("nb", "toy", {"a": 0.5}, params=params, path=f)
+    # another run or other parameters: nothing is checked (and nothing fails)
+    assert check_expected("nb", "sd-1.5", {"a": 0.9}, params=params, path=f) == {}
+    assert check_expected("nb", "toy", {"a": 0.9}, params={"N": 5}, path=f) == {}
+    # a second parameter set is kept beside the first
+    monkeypatch.setenv("DIFFSEG_RECORD_EXPECTED", "1")
+    check_expected("nb", "toy", {"a": 0.7}, params={"N": 5}, path=f)
+    monkeypatch.delenv("DIFFSEG_RECORD_EXPECTED")
+    assert len(json.loads(f.read_text())["nb"]["toy"]) == 2
+    assert check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, path=f)["a"]
+
+
+def test_run_name():
+    assert run_name("toy-faces-ddpm", "toy-faces") == "toy-faces-ddpm__toy-faces"
+    assert run_name("/some/dir/my model", None) == "my-model"
+    assert run_name(None, None) == "toy"
+
+
+def test_committed_expected_numbers_cover_every_notebook():
+    data = json.loads((REPO_ROOT / "notebooks" / "expected.json").read_text())
+    for path in NOTEBOOKS:
+        assert data.get(path.stem), f"no expected numbers committed for {path.stem}"
