@@ -15,6 +15,7 @@ import torch
 from .backbones import Backbone
 from .datasets import ignore_small_classes
 from .features import FeatureMaps, extract_features
+from .inputs import geometry_of, prepare_labels, restore_labels
 from .pixel_classifier import EnsembleConfig, PixelEnsemble
 
 
@@ -23,7 +24,8 @@ class SegmentationResult:
     """DDPM-Seg's output for N images at the features' image size (H, W).
 
     labels: (N, H, W) int64 majority vote of the members;
-    uncertainty: (N, H, W) float ensemble disagreement (entropy of the members' votes);
+    uncertainty: (N, H, W) float ensemble disagreement (entropy of the mean softmax minus the members'
+    mean entropy, as DDPM-Seg computes it);
     image_scores: (N,) float mean of each image's top-10% pixel uncertainties.
     """
 
@@ -62,22 +64,35 @@ class FewShotSegmenter:
             progress: bool = True) -> "FewShotSegmenter":
         """Train the ensemble on labelled images (or on precomputed ``features`` of them).
 
-        labels: (N, H, W) integer class maps at the features' image size, ``config.ignore_index`` = ignore.
+        labels: (N, H, W) integer class maps, ``config.ignore_index`` = ignore; with ``images`` at the
+        images' own sizes (a list when they differ), with ``features`` at the features' image size.
         ``features`` must hold exactly the segmenter's timesteps and blocks (select them first).
         """
         fm = features or self.features(images)
         self._check(fm)
+        if features is None:  # labels drawn on the user's images -> the features' grid, same placement as the pixels
+            geo = geometry_of(images, self.backbone.resolution)
+            labels = prepare_labels(labels, geo, size=fm.image_size, ignore_index=self.config.ignore_index).cpu()
         labels = ignore_small_classes(np.asarray(labels), self.min_class_pixels, self.config.ignore_index)
         self.ensemble = PixelEnsemble(self.config, fm.channels, fm.device).fit(fm, labels, progress=progress,
                                                                                 max_pixels=max_pixels)
         return self
 
     def predict(self, images=None, *, features: FeatureMaps | None = None) -> SegmentationResult:
+        """Labels for ``images`` (anything :func:`~diffseg_utils.prepare_images` takes), or for precomputed
+        ``features``. With images, ``labels`` (int64) and ``uncertainty`` (float) come back at each
+        image's own size (B, H, W) — a non-square image is letterboxed for the model and the padding
+        removed again, so every pixel gets a label; a list when sizes differ. With features, at the
+        features' image size."""
         if self.ensemble is None:
             raise RuntimeError("the ensemble is not trained; call .fit(images, labels) first")
         fm = features or self.features(images)
         self._check(fm)
-        return SegmentationResult(*self.ensemble.predict(fm))
+        labels, uncertainty, scores = self.ensemble.predict(fm)
+        if features is None:  # back to each input image's own size (padding removed)
+            geo = geometry_of(images, self.backbone.resolution)
+            labels, uncertainty = restore_labels(labels, geo), restore_labels(uncertainty, geo)
+        return SegmentationResult(labels, uncertainty, scores)
 
     def _check(self, fm: FeatureMaps) -> None:
         blocks = [b if isinstance(b, str) else None for b in self.blocks]
