@@ -8,8 +8,16 @@ Member (from DatasetGAN, as DDPM-Seg uses it)::
 Each member has its own seed (initialisation and data order), its own BatchNorm statistics and
 its own early stop, exactly as if trained alone with Adam — but all members share one matmul
 per layer (``torch.baddbmm`` over a stacked weight), so 10 members cost little more than one.
-Training pixels are drawn through :meth:`FeatureMaps.sample` batch by batch: the (pixels x
-features) matrix is never built.
+A member that stops leaves the batch. The loop never synchronises with the device per step: it
+reads the members' strike counts back only when one of them could have run out of patience.
+Training pixels come from :meth:`FeatureMaps.sample`: interpolated once into a float32 table of
+the *labelled* pixels when that fits in ``fit(cache_bytes=...)`` (1 GiB), else batch by batch;
+the full (pixels x features) matrix of all images is never built.
+
+Dtype and device: parameters and arithmetic are float32 whatever the features' storage dtype
+(fp16 / bf16 maps are upcast when interpolated); the ensemble lives on the features' device
+unless given one. Files: :meth:`PixelEnsemble.save` writes safetensors with a JSON config,
+and :meth:`PixelEnsemble.load` never runs code from a file.
 
 Prediction: majority vote of the members' argmaxes; per-pixel uncertainty = entropy of the mean
 softmax minus the mean member entropy; per-image score = mean of its top-10% pixel uncertainties.
