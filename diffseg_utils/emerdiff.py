@@ -20,7 +20,15 @@ first attention layer of the chosen level as the modulated layer (the paper foun
 16x16 layers similar). The 2K modulated images are decoded ``decode_batch_size`` at a time and
 reduced to difference maps on the fly.
 ``modulate_layer`` may sit at a finer up level than the k-means layer (the segments are then
-nearest-resized to it); notebook 03 compares both, and several lam, on validation images.
+nearest-resized to it); :func:`choose_emerdiff_settings` picks lam and that layer on validation
+images (notebook 03).
+
+**Non-square images** are letterboxed by default (``fit="pad"``, :mod:`diffseg_utils.inputs`): the
+whole image is seen, and the gray border takes no part in the method. k-means clusters only the
+query tokens whose centres fall on the image; border tokens get the id of the nearest image token
+(so the low-res map and its upsampling baselines read like the image extended to the border) but
+are never modulated; the difference maps are blurred and max-normalised over the image's pixels
+only. ``result.labels`` / ``result.scores`` are at each input image's own size.
 """
 from __future__ import annotations
 
@@ -30,24 +38,50 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attention import ControlledAttnProcessor, attention_layers, low_res_query_layer
+from .attention import ControlledAttnProcessor, attention_layers, finer_up_layer, low_res_query_layer
 from .backbones import Backbone
 from .hooks import AttentionProcessors
+from .inputs import Geometry, ImageGeometry, restore_labels
 from .sampling import ddim_step
+
+__all__ = ["EmerDiffResult", "choose_emerdiff_settings", "emerdiff_segment", "gaussian_blur", "kmeans",
+           "kmeans_upsampled_features", "mean_hungarian_miou", "upsample_segments"]
 
 
 @dataclass
 class EmerDiffResult:
-    """Per image: ``low_res`` (N, h, w) k-means ids; ``pixels`` (N, H, W) segment ids (same ids);
-    ``diffs`` (N, K, H, W) blurred, max-normalised difference maps; optional modulated images."""
+    """EmerDiff's output for N images (K = ``num_segments``; segment ids are k-means cluster ids, not classes).
+
+    At each input image's own size (the model's letterbox / crop undone, see :mod:`diffseg_utils.inputs`):
+
+    * ``labels``: (N, H, W) int64 segment ids, or a list of (H_i, W_i) tensors when the images'
+      sizes differ; ``pixels`` carried to each image with nearest sampling. With ``fit="crop"`` the
+      sides the model never saw are 255.
+    * ``scores`` (property, computed on access): (N, K, H, W) float32 (a list of (K, H_i, W_i) when
+      sizes differ), the difference maps ``diffs`` resampled bilinearly; 0 for ids k-means left empty.
+      ``labels`` is their argmax up to resampling. Memory: K floats per input pixel.
+
+    On the model's square canvas (``size`` = the backbone's resolution):
+
+    * ``low_res``: (N, h, w) int64 k-means ids on the query layer's token grid (border tokens of a
+      letterboxed image carry the nearest image token's id; they were not clustered or modulated);
+    * ``pixels``: (N, size, size) int64, argmax_k of ``diffs`` (padding: the nearest image pixel's id);
+    * ``diffs``: (N, K, size, size) float32, blurred difference maps, each divided by its maximum over
+      the image's pixels (0 in the padding and for empty ids);
+    * ``geometry``: the :class:`~diffseg_utils.inputs.Geometry` of the placement;
+    * ``images_plus`` / ``images_minus``: with ``return_images``, (N, K, 3, size, size) in [-1, 1].
+    """
 
     low_res: torch.Tensor
     pixels: torch.Tensor
     diffs: torch.Tensor
+    labels: torch.Tensor | list[torch.Tensor]
+    geometry: Geometry
     layer: str
     unet_evals_per_image: float
     min_unet_evals_per_image: float
@@ -55,6 +89,23 @@ class EmerDiffResult:
     images_plus: torch.Tensor | None = None    # (N, K, 3, H, W) in [-1, 1]
     images_minus: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def scores(self) -> torch.Tensor | list[torch.Tensor]:
+        """(N, K, H, W) float32 difference maps at each input's own size (a list when sizes differ)."""
+        outs = []
+        for i, g in enumerate(self.geometry.images):
+            # replicate the image's edge into the padding first: bilinear sampling at the image's border
+            # pixels then never mixes in the padding's zeros
+            d = _fill_outside(self.diffs[i], _pixel_box(g, tuple(self.diffs.shape[-2:])))
+            outs.append(restore_labels(d[None], self.geometry[i:i + 1], mode="bilinear")[0])
+        return torch.stack(outs) if self.geometry.uniform else outs
+
+    def upsampled_labels(self, mode: str = "bilinear") -> torch.Tensor | list[torch.Tensor]:
+        """The paper's baselines at each input's own size: ``low_res`` upsampled to the canvas by
+        :func:`upsample_segments` (``"bilinear"`` or ``"nearest"``), then restored like ``labels``."""
+        up = upsample_segments(self.low_res, tuple(self.pixels.shape[-2:]), mode)
+        return restore_labels(up, self.geometry)
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 30, n_init: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +163,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 30, n_init: int 
 
 
 def gaussian_blur(x: torch.Tensor, kernel: int = 5, sigma: float = 3.0) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) maps, reflect padding."""
+    """Separable Gaussian blur of (B, C, H, W) float maps (reflect padding; replicate for sides <= kernel // 2)."""
     if kernel <= 1:
         return x
     r = torch.arange(kernel, device=x.device, dtype=torch.float32) - (kernel - 1) / 2
@@ -120,8 +171,10 @@ def gaussian_blur(x: torch.Tensor, kernel: int = 5, sigma: float = 3.0) -> torch
     w = (w / w.sum()).to(x.dtype)
     c = x.shape[1]
     pad = kernel // 2
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), w.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), w.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    # reflect padding needs the side to exceed the pad (a thin image strip may not); replicate then
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), w.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode=mode), w.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 class _BroadcastUpBlocks:
@@ -153,6 +206,49 @@ class _BroadcastUpBlocks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+# ------------------------------------------------------------------ where the image lies on the canvas
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1): rows y0..y1-1 and columns x0..x1-1 of a grid
+
+
+def _token_box(g: ImageGeometry, grid: tuple[int, int]) -> Box:
+    """The cells of an (h, w) grid over the canvas whose centres fall on the image (not the padding).
+
+    An image thinner than one cell still gets the cell under its centre line.
+    """
+    y0, y1, x0, x1 = g.valid_box()
+    out = []
+    for n, lo, hi in ((grid[0], y0, y1), (grid[1], x0, x1)):
+        cell = g.size / n
+        first = max(0, math.ceil(lo / cell - 0.5))            # first centre (i + 0.5) * cell >= lo
+        last = min(n, math.ceil(hi / cell - 0.5))             # first centre >= hi (exclusive end)
+        if last <= first:
+            first = min(n - 1, int((lo + hi) / 2 / cell))
+            last = first + 1
+        out += [first, last]
+    return out[0], out[1], out[2], out[3]
+
+
+def _pixel_box(g: ImageGeometry, hw: tuple[int, int]) -> Box:
+    """The image's pixels on an (H, W) canvas (the canvas at ``g.size`` scaled to H x W)."""
+    y0, y1, x0, x1 = g.valid_box()
+    sy, sx = hw[0] / g.size, hw[1] / g.size
+    return (int(y0 * sy), max(int(y0 * sy) + 1, round(y1 * sy)), int(x0 * sx), max(int(x0 * sx) + 1, round(x1 * sx)))
+
+
+def _fill_outside(x: torch.Tensor, box: Box) -> torch.Tensor:
+    """(..., H, W) -> the same with every cell outside ``box`` set to the nearest cell inside (edge replication)."""
+    y0, y1, x0, x1 = box
+    rows = torch.arange(x.shape[-2], device=x.device).clamp(y0, y1 - 1)
+    cols = torch.arange(x.shape[-1], device=x.device).clamp(x0, x1 - 1)
+    return x[..., rows[:, None], cols[None, :]]
+
+
+def _box_mask(box: Box, hw: tuple[int, int], device) -> torch.Tensor:
+    m = torch.zeros(hw, dtype=torch.bool, device=device)
+    m[box[0]:box[1], box[2]:box[3]] = True
+    return m
 
 
 def _mask_for_layer(masks: torch.Tensor, layer_is_4d: bool) -> torch.Tensor:
@@ -275,19 +371,28 @@ def emerdiff_segment(
     chunk_size: int = 16,
     decode_batch_size: int = 8,
     kmeans_restarts: int = 50,
+    fit: str = "pad",
     seed: int = 0,
     return_images: bool = False,
     progress: bool = True,
 ) -> EmerDiffResult:
     """Segment images without training (EmerDiff). See the module doc for the method and defaults.
 
-    images: anything :meth:`Backbone.preprocess` takes; num_segments: K of k-means (paper: 10-40;
-    at most the query layer's h*w positions); t_f / t_m: k-means and modulation timesteps; lam:
-    modulation strength (finite); chunk_size: modulated runs per UNet batch and decode_batch_size:
-    images per VAE decode call (memory budgets: the difference maps are reduced chunk by chunk,
-    so peak memory does not grow with K beyond the (K, H, W) float32 maps returned);
-    kmeans_restarts: k-means++ initialisations, best kept; query_layer / modulate_layer: attention
-    layer paths (default: :func:`~diffseg_utils.attention.low_res_query_layer`).
+    images: anything :meth:`Backbone.preprocess` takes (PIL / numpy / torch, any sizes, a list may mix
+    them); fit: how a non-square image meets the model's square input: ``"pad"`` (default: letterbox;
+    the border is not clustered, not modulated and not scored), ``"crop"`` (centre crop: the sides get
+    label 255) or ``"resize"`` (stretch).
+    num_segments: K of k-means (paper: 10-40; at most the number of query tokens on the image);
+    t_f / t_m: k-means and modulation timesteps; lam: modulation strength (finite);
+    chunk_size: modulated runs per UNet batch and decode_batch_size: images per VAE decode call (memory
+    budgets: the difference maps are reduced chunk by chunk, so peak memory does not grow with K beyond
+    the (K, size, size) float32 maps returned); kmeans_restarts: k-means++ initialisations, best kept;
+    query_layer / modulate_layer: attention layer paths (default:
+    :func:`~diffseg_utils.attention.low_res_query_layer`); seed: the noise of image i is drawn from
+    ``seed + i`` (shared by its k-means pass and all its modulated runs).
+
+    Returns an :class:`EmerDiffResult`: ``labels`` (N, H, W) int64 and ``scores`` (N, K, H, W) float32 at
+    each input's own size (lists when sizes differ), and the model-grid fields it came from.
     """
     layers = attention_layers(backbone)
     by_path = {a.path: a for a in layers}
@@ -306,10 +411,16 @@ def emerdiff_segment(
     suffix = [a.path for a in layers if a.path.startswith("up_blocks.") and int(a.path.split(".")[1]) >= up_index]
     layer_is_4d = m_layer == by_path[m_layer].block  # UNet2DModel attention works on (B, C, H, W)
     backbone.check_timesteps([t_f, t_m], 2)
-    x = backbone.preprocess(images)
+    x, geo = backbone.preprocess(images, fit=fit, return_geometry=True)
+    h, w = by_path[m_layer].resolution
+    q_boxes = [_token_box(g, (qh, qw)) for g in geo.images]
+    for i, (y0, y1, x0, x1) in enumerate(q_boxes):  # refused before any UNet call
+        if (y1 - y0) * (x1 - x0) < num_segments:
+            raise ValueError(f"image {i} ({geo[i].height}x{geo[i].width}) covers {(y1 - y0) * (x1 - x0)} of the "
+                             f"{qh}x{qw} query tokens of {q_layer} (the rest is the letterbox border), fewer than "
+                             f"num_segments={num_segments}; use fewer segments, or fit='crop' to fill the canvas")
     n = x.shape[0]
     sched, ts = _denoise_timesteps(backbone, t_m, num_inference_steps)
-    h, w = by_path[m_layer].resolution
     low_all, pix_all, diff_all, plus_all, minus_all = [], [], [], [], []
     evals = 0.0
     min_evals = 0
@@ -318,18 +429,23 @@ def emerdiff_segment(
         z0 = backbone.encode(x[i:i + 1])
         g = torch.Generator().manual_seed(seed + i)
         eps = torch.randn(z0.shape, generator=g).to(z0)
-        # 1. low-resolution segments from the query vectors at t_f
+        # 1. low-resolution segments: k-means on the query vectors at t_f of the tokens on the image
+        qy0, qy1, qx0, qx1 = q_boxes[i]
         cap = ControlledAttnProcessor(capture_query=True)
         with AttentionProcessors(backbone.unet, {q_layer: cap}):
             backbone.unet_forward(backbone.add_noise(z0, t_f, eps), t_f)
-        labels, _ = kmeans(cap.query[0], num_segments, seed=seed, n_init=kmeans_restarts)
-        low = labels.view(qh, qw)
+        q = cap.query[0].view(qh, qw, -1)[qy0:qy1, qx0:qx1].reshape((qy1 - qy0) * (qx1 - qx0), -1)
+        labels, _ = kmeans(q, num_segments, seed=seed, n_init=kmeans_restarts)
+        low = torch.zeros(qh, qw, dtype=labels.dtype, device=labels.device)
+        low[qy0:qy1, qx0:qx1] = labels.view(qy1 - qy0, qx1 - qx0)
+        low = _fill_outside(low, q_boxes[i])      # border tokens: the nearest image token's id (display only)
         if (qh, qw) != (h, w):  # modulated layer at another resolution: nearest-resize the segments
             low_m = F.interpolate(low[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
         else:
             low_m = low
-        ids = torch.unique(low)
-        masks = torch.stack([(low_m == k).to(backbone.dtype) for k in ids])           # (K, h, w)
+        on_image = _box_mask(_token_box(geo[i], (h, w)), (h, w), low_m.device)  # the border is never modulated
+        ids = torch.unique(labels)
+        masks = torch.stack([((low_m == k) & on_image).to(backbone.dtype) for k in ids])  # (K, h, w)
         # 2. all 2K modulated runs, chunked
         run_masks = masks.repeat_interleave(2, 0)                                      # k+, k-, ...
         signs = torch.tensor([1.0, -1.0], device=backbone.device).repeat(len(ids))
@@ -342,18 +458,24 @@ def emerdiff_segment(
             evals += 1 + r.shape[0] * len(ts)
         evals += 1  # the t_f pass
         min_evals += 2 + 2 * len(ids) * len(ts)  # t_f pass, unmodulated reference, 2K runs
-        # 3. pixel assignment, reduced as the decoded pairs come (peak memory independent of K)
+        # 3. pixel assignment over the image's pixels, reduced as the decoded pairs come (peak memory
+        # independent of K); blur and max-normalisation see the image only, never the border
         ds, plus_l, minus_l = [], [], []
+        box = None
         for plus, minus in _decoded_pairs(backbone, torch.cat(finals), decode_batch_size):
-            d = (minus - plus).pow(2).sum(1, keepdim=True).sqrt()                     # (k, 1, H, W)
+            H, W = plus.shape[-2:]
+            box = box or _pixel_box(geo[i], (H, W))
+            y0, y1, x0, x1 = box
+            d = (minus - plus)[..., y0:y1, x0:x1].pow(2).sum(1, keepdim=True).sqrt()  # (k, 1, h_img, w_img)
             d = gaussian_blur(d, blur_kernel, blur_sigma)[:, 0]
-            ds.append(d / d.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1))
+            d = d / d.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1)
+            ds.append(F.pad(d, (x0, W - x1, y0, H - y1)))                              # zeros on the border
             if return_images:
                 plus_l.append(plus)
                 minus_l.append(minus)
         d = torch.cat(ds)                                                              # (K, H, W)
         low_all.append(low)
-        pix_all.append(ids[d.argmax(0)])
+        pix_all.append(_fill_outside(ids[d.argmax(0)], box))
         full = torch.zeros(num_segments, *d.shape[1:], device=d.device)
         full[ids] = d
         diff_all.append(full)
@@ -365,12 +487,14 @@ def emerdiff_segment(
             plus_all.append(P)
             minus_all.append(M)
     secs = (time.perf_counter() - t0) / n
+    pixels = torch.stack(pix_all)
     return EmerDiffResult(
-        low_res=torch.stack(low_all), pixels=torch.stack(pix_all), diffs=torch.stack(diff_all), layer=m_layer,
+        low_res=torch.stack(low_all), pixels=pixels, diffs=torch.stack(diff_all),
+        labels=restore_labels(pixels, geo), geometry=geo, layer=m_layer,
         unet_evals_per_image=evals / n, min_unet_evals_per_image=min_evals / n,
         seconds_per_image=secs, images_plus=torch.stack(plus_all) if return_images else None,
         images_minus=torch.stack(minus_all) if return_images else None,
-        extra={"timesteps": ts, "query_layer": q_layer, "kmeans_restarts": kmeans_restarts})
+        extra={"timesteps": ts, "query_layer": q_layer, "kmeans_restarts": kmeans_restarts, "fit": fit})
 
 
 def upsample_segments(low_res: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -381,3 +505,116 @@ def upsample_segments(low_res: torch.Tensor, size: tuple[int, int], mode: str = 
     k = int(low_res.max()) + 1
     onehot = F.one_hot(low_res.long(), k).permute(0, 3, 1, 2).float()
     return F.interpolate(onehot, size=size, mode="bilinear", align_corners=False).argmax(1)
+
+
+# ------------------------------------------------------------------ scoring, baselines, the validation choice
+def mean_hungarian_miou(preds, gts, ignore_index: int | None = 255) -> float:
+    """Mean over images of :func:`~diffseg_utils.metrics.hungarian_miou` (segments matched one-to-one
+    to ground-truth classes per image), the lenient protocol for unlabelled segments.
+
+    preds: (N, H, W) integer segment ids or a list of (H_i, W_i) maps (e.g. ``EmerDiffResult.labels``);
+    gts: the ground truth, each map at its prediction's size (numpy or torch). Raises ValueError when a
+    pair differs in size (a model-grid prediction against an image-size ground truth: use ``.labels``).
+    """
+    from .metrics import hungarian_miou
+
+    preds, gts = list(preds), list(gts)
+    if len(preds) != len(gts) or not preds:
+        raise ValueError(f"got {len(preds)} predictions and {len(gts)} ground-truth maps; need the same number, >= 1")
+    scores = []
+    for i, (p, g) in enumerate(zip(preds, gts)):
+        p = p.cpu().numpy() if isinstance(p, torch.Tensor) else np.asarray(p)
+        g = g.cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
+        if p.shape != g.shape:
+            raise ValueError(f"image {i}: prediction {p.shape} and ground truth {g.shape} differ in size; score "
+                             "predictions at the ground truth's size (EmerDiffResult.labels, restore_labels)")
+        scores.append(hungarian_miou(p, g, ignore_index))
+    return float(np.mean(scores))
+
+
+@torch.no_grad()
+def kmeans_upsampled_features(backbone: Backbone, images, num_segments: int = 10, *, t_f: int = 1,
+                              query_layer: str | None = None, fit: str = "pad", seed: int = 0,
+                              kmeans_restarts: int = 50, progress: bool = True) -> torch.Tensor | list[torch.Tensor]:
+    """Baseline: k-means on EmerDiff's own query vectors upsampled (bilinear) to pixels, per image.
+
+    Same features, noise (``seed + i``) and image placement as :func:`emerdiff_segment`'s k-means step,
+    but clustered at pixel resolution: what pixel-level k-means on the features gives without the
+    modulation. Only the image's pixels are clustered (not a letterbox border). Memory: the upsampled
+    map, (pixels on the canvas) x (query channels) float32, per image.
+
+    Returns (N, H, W) int64 segment ids at each input's own size (a list when sizes differ).
+    """
+    q_layer = query_layer or low_res_query_layer(backbone).path
+    layer = {a.path: a for a in attention_layers(backbone)}.get(q_layer)
+    if layer is None:
+        raise ValueError(f"query_layer {q_layer!r} is not an attention layer of this UNet")
+    qh, qw = layer.resolution
+    x, geo = backbone.preprocess(images, fit=fit, return_geometry=True)
+    size = tuple(x.shape[-2:])
+    out = []
+    for i in tqdm(range(x.shape[0]), desc="k-means on upsampled features", disable=not progress, leave=False):
+        z0 = backbone.encode(x[i:i + 1])
+        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + i)).to(z0)
+        cap = ControlledAttnProcessor(capture_query=True)
+        with AttentionProcessors(backbone.unet, {q_layer: cap}):
+            backbone.unet_forward(backbone.add_noise(z0, t_f, eps), t_f)
+        q = cap.query[0].float().T.reshape(1, -1, qh, qw)                             # (1, C, qh, qw)
+        y0, y1, x0, x1 = box = _pixel_box(geo[i], size)
+        up = F.interpolate(q, size=size, mode="bilinear", align_corners=False)[0, :, y0:y1, x0:x1]
+        if (y1 - y0) * (x1 - x0) < num_segments:
+            raise ValueError(f"image {i} covers {(y1 - y0) * (x1 - x0)} pixels, fewer than num_segments={num_segments}")
+        labels, _ = kmeans(up.flatten(1).T, num_segments, seed=seed, n_init=kmeans_restarts)
+        full = torch.zeros(size, dtype=labels.dtype, device=labels.device)
+        full[y0:y1, x0:x1] = labels.view(y1 - y0, x1 - x0)
+        out.append(_fill_outside(full, box))
+    return restore_labels(torch.stack(out), geo)
+
+
+def _resolve_layer(backbone: Backbone, name: str, query_layer: str | None) -> str | None:
+    if name == "query":
+        return query_layer or low_res_query_layer(backbone).path
+    if name == "finer":
+        f = finer_up_layer(backbone)
+        return f.path if f is not None else None
+    return name
+
+
+def choose_emerdiff_settings(backbone: Backbone, images, labels, num_segments: int = 10, *,
+                             lams: Sequence[float] = (10.0,), layers: Sequence[str] = ("query",),
+                             ignore_index: int | None = 255, progress: bool = True,
+                             **settings) -> tuple[dict, dict[tuple[str, float], float]]:
+    """Choose EmerDiff's modulation strength ``lam`` and modulated layer on labelled validation images.
+
+    Runs :func:`emerdiff_segment` once per (layer, lam) with ``settings`` (any of its other keyword
+    arguments: t_f, t_m, num_inference_steps, seed, fit, ...) and scores ``.labels`` against ``labels``
+    with :func:`mean_hungarian_miou`.
+
+    images / labels: validation images and their ground-truth maps, each at its image's own size.
+    layers: attention layer paths, or ``"query"`` (the k-means layer, the paper's choice) and
+    ``"finer"`` (the first layer of the next finer up level; skipped when there is none).
+
+    Returns ``(best, table)``: ``best`` = ``{"lam": float, "modulate_layer": path}``, ready to pass on
+    with ``**best``; ``table[(layer name as given, lam)]`` = mean Hungarian mIoU. Ties go to the
+    earlier (layer, lam) in the order given.
+    """
+    taken = sorted({"lam", "modulate_layer", "progress", "return_images"} & set(settings))
+    if taken:
+        raise ValueError(f"{taken} are chosen or set by choose_emerdiff_settings itself; pass lams= / layers=")
+    if not lams or not layers:
+        raise ValueError("give at least one candidate in lams= and one in layers=")
+    resolved = {name: _resolve_layer(backbone, name, settings.get("query_layer")) for name in layers}
+    resolved = {k: v for k, v in resolved.items() if v is not None}
+    if not resolved:
+        raise ValueError(f"none of the layers {list(layers)} exists in this UNet; use 'query' or a layer path")
+    table: dict[tuple[str, float], float] = {}
+    bar = tqdm(total=len(resolved) * len(lams), desc="validation: lam x layer", disable=not progress, leave=False)
+    for name, path in resolved.items():
+        for lam in lams:
+            r = emerdiff_segment(backbone, images, num_segments, lam=float(lam), modulate_layer=path, progress=False,
+                                 **settings)
+            table[(name, float(lam))] = mean_hungarian_miou(r.labels, labels, ignore_index)
+            bar.update()
+    bar.close()
+    best = max(table, key=table.get)  # the first maximum in insertion order
+    return {"lam": best[1], "modulate_layer": resolved[best[0]]}, table

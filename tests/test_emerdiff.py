@@ -332,3 +332,47 @@ def test_kmeans_ddim_step_and_injection_do_not_sync_on_cuda():
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     ref = kmeans(x.float().cpu(), 10)[0]
     assert _inertia(x.float().cpu(), labels.cpu()) <= 1.02 * _inertia(x.float().cpu(), ref)
+
+
+# ---------------------------------------------------------------- results at the input size, scoring, the choice
+def test_square_input_at_the_model_size_keeps_the_model_grid(sd_tiny):
+    """A square image at the native size: ``labels`` / ``scores`` are ``pixels`` / ``diffs`` themselves."""
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    res = emerdiff_segment(sd_tiny, img, 3, num_inference_steps=4, progress=False)
+    assert torch.equal(res.labels, res.pixels) and res.labels.dtype == torch.int64
+    torch.testing.assert_close(res.scores, res.diffs, atol=1e-6, rtol=0)
+    assert torch.equal(res.upsampled_labels("nearest"), upsample_segments(res.low_res, (64, 64), "nearest"))
+
+
+def test_mean_hungarian_miou():
+    from diffseg_utils.emerdiff import mean_hungarian_miou
+
+    gt = np.zeros((2, 8, 8), np.int64)
+    gt[:, :, 4:] = 3
+    pred = torch.from_numpy(np.where(gt == 3, 7, 2))     # other ids, same regions: a perfect segmentation
+    assert mean_hungarian_miou(pred, gt) == 1.0
+    half = pred.clone()
+    half[1] = 2                                          # image 1: one segment for both classes -> IoU 1/2, 0
+    assert abs(mean_hungarian_miou(half, gt) - (1.0 + 0.25) / 2) < 1e-9
+    with pytest.raises(ValueError, match="differ in size"):
+        mean_hungarian_miou(torch.zeros(2, 16, 16, dtype=torch.long), gt)
+
+
+def test_choose_emerdiff_settings_picks_the_setting_that_matches(sd_tiny):
+    """Known answer: the ground truth is what lam = 10 segments, so lam = 10 scores 1 and wins; lam = 0
+    (no modulation: every difference map is zero) cannot. A choice that ignored lam would tie and keep 0."""
+    from diffseg_utils.emerdiff import choose_emerdiff_settings, mean_hungarian_miou
+
+    imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    kw = dict(num_inference_steps=4, seed=1)
+    truth = emerdiff_segment(sd_tiny, imgs, 3, lam=10.0, progress=False, **kw).labels
+    best, table = choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lams=(0.0, 10.0), layers=("query", "finer"),
+                                           progress=False, **kw)
+    q, f = low_res_query_layer(sd_tiny).path, finer_up_layer(sd_tiny).path
+    assert list(table) == [("query", 0.0), ("query", 10.0), ("finer", 0.0), ("finer", 10.0)]
+    assert best == {"lam": 10.0, "modulate_layer": q} and table[("query", 10.0)] == 1.0
+    assert table[("query", 0.0)] < 1.0
+    res = emerdiff_segment(sd_tiny, imgs, 3, lam=0.0, modulate_layer=f, progress=False, **kw)
+    assert table[("finer", 0.0)] == mean_hungarian_miou(res.labels, truth)
+    with pytest.raises(ValueError, match="chosen or set by choose_emerdiff_settings"):
+        choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lam=5.0)
