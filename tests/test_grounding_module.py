@@ -234,3 +234,83 @@ def test_shipped_unseen_class_beats_a_wrong_name(shipped):
     print(f"unseen class IoU with its own name {right:.3f}, with the other object's name {wrong:.3f}")
     gap = MEASURED["right"] - MEASURED["wrong"]         # margin: half the measured gap
     assert right >= wrong + gap / 2
+
+
+# ------------------------------------------------------------------ ground(): one call, results at the image's size
+def test_ground_prompts_equals_the_three_call_chain(toy):
+    from diffseg_utils.grounding.ground import ground
+
+    torch.manual_seed(0)
+    gm = GroundingModule.for_backbone(toy, config=SMALL).eval()
+    prompts, names = ["a photo of a star and a ring", "a photo of a hexagon"], ["star", "ring", "hexagon"]
+    res = ground(toy, gm, prompts, names, num_steps=2, seed=[3, 4])
+    assert res.labels.shape == (2, 64, 64) and res.labels.dtype == torch.int64
+    assert res.masks.shape == (2, 3, 64, 64) and res.masks.dtype == torch.bool
+    assert res.scores.shape == (2, 3, 64, 64) and res.scores.dtype == torch.float32
+    assert res.class_names == tuple(names) and res.prompts == prompts and res.images.shape == (2, 3, 64, 64)
+    # the same as generating, embedding the names and calling the module by hand
+    gen = generate_with_features(toy, prompts, num_steps=2, seed=[3, 4])
+    q = class_embeddings(toy, names)
+    logits = gm(gen.features, q[None].expand(2, -1, -1))
+    torch.testing.assert_close(res.scores, logits.sigmoid())
+    assert torch.equal(res.masks, gm.predict(gen.features, q[None].expand(2, -1, -1)))
+    # labels: the best-scoring name where some name passes the threshold, else background
+    best = logits.argmax(1) + 1
+    assert torch.equal(res.labels, torch.where(res.masks.any(1), best, torch.zeros_like(best)))
+    # another name gives another answer (the queries reach the masks)
+    other = ground(toy, gm, prompts, ["crescent", "ring", "hexagon"], num_steps=2, seed=[3, 4])
+    assert (other.scores[:, 0] - res.scores[:, 0]).abs().max() > 1e-3
+
+
+def test_ground_images_come_back_at_their_own_size(toy):
+    import numpy as np
+
+    from diffseg_utils.grounding.ground import ground
+
+    gm = GroundingModule.for_backbone(toy, config=SMALL).eval()
+    img = np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8)   # non-square
+    res = ground(toy, gm, img, ["star", "ring"], num_steps=4, seed=1)
+    assert res.labels.shape == (1, 40, 90) and res.masks.shape == (1, 2, 40, 90) and res.scores.shape == (1, 2, 40, 90)
+    assert res.prompts == ["a photo of a star and a ring"]
+    assert 0 <= float(res.scores.min()) and float(res.scores.max()) <= 1
+    # letterboxed (fit="pad"): every pixel of the image has a score; fit="crop" cuts the sides (score 0, label 0)
+    crop = ground(toy, gm, img, ["star", "ring"], num_steps=4, seed=1, fit="crop")
+    assert crop.scores.shape == (1, 2, 40, 90)
+    assert (crop.scores[..., :10] == 0).all() and (crop.labels[..., :10] == 0).all()
+    mixed = ground(toy, gm, [img, img[:30]], ["star"], num_steps=4, seed=1)         # sizes differ: lists
+    assert [tuple(m.shape) for m in mixed.labels] == [(40, 90), (30, 90)]
+    with pytest.raises(ValueError, match="names is empty"):
+        ground(toy, gm, img, [], num_steps=4)
+
+
+# ------------------------------------------------------------------ the cross-attention token study
+def test_cross_attention_token_study_agrees_with_daam_maps(toy):
+    from diffseg_utils.attention_maps import CrossAttentionMaps
+    from diffseg_utils.grounding.diagnostics import ROLES, cross_attention_tokens
+    from diffseg_utils.grounding.features import generate_with_features
+    from diffseg_utils.grounding.prompts import sample_prompt, sample_seed
+    from diffseg_utils.grounding.segmenter import SegmenterOutput
+
+    names = ("star", "ring", "hexagon")
+
+    def everywhere(images):  # a segmenter whose mask is the whole image: IoU = fraction of pixels predicted
+        n, _, h, w = images.shape
+        return SegmenterOutput(torch.ones(n, 3, h, w, dtype=torch.bool), torch.ones(n, 3), names)
+
+    tpl = "a photo of a {}"
+    st = cross_attention_tokens(toy, everywhere, names, [tpl], num_images=3, seed=5, num_steps=2,
+                                keep_examples=3, progress=False)
+    assert st.pairs == 3 and set(st.iou[tpl]) == set(ROLES) and st.iou[tpl]["whole image"] == 1.0
+    ex = st.examples[tpl]
+    for role in ("class word", "end of text", "start of text"):
+        assert st.iou[tpl][role] == pytest.approx(float((ex["maps"][role] > 0.4).float().mean()), abs=1e-6)
+    # the class word's map is DAAM's heat map of that word (an independent path through CrossAttentionMaps)
+    pn = [sample_prompt(names, i, 5, template=tpl, two_prob=0.0) for i in range(3)]
+    prompts = [p for p, _ in pn]
+    with CrossAttentionMaps(toy, guidance=True) as cam:
+        generate_with_features(toy, prompts, num_steps=2, seed=[sample_seed(5, i) for i in range(3)])
+    heat = cam.heatmaps(prompts, [n for _, n in pn], image_size=64)[:, 0]
+    torch.testing.assert_close(ex["maps"]["class word"], heat, atol=1e-5, rtol=0)
+    assert not torch.allclose(ex["maps"]["end of text"], heat, atol=1e-2)
+    with pytest.raises(ValueError, match="templates is empty"):
+        cross_attention_tokens(toy, everywhere, names, [], num_images=1)

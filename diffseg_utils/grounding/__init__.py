@@ -10,4 +10,10 @@
 * :mod:`.export`     -- PNG export of a segmentation dataset; :mod:`.synth` its ``accelerate launch`` CLI.
 * :mod:`.train`      -- batched training; :mod:`.protocols` evaluation (protocols I and II).
 * :mod:`.defaults`   -- how dataset-specific defaults (class lists, labelers) are supplied.
+* :mod:`.ground`     -- :func:`ground`, the one call: (backbone, module, images or prompts, names) -> labels/masks/scores.
+* :mod:`.diagnostics` -- which prompt tokens the cross-attention follows (the DAAM baseline's premise, measured).
+* :mod:`.plots`      -- notebook 04's figures.
 """
+from .ground import GroundingResult, ground
+
+__all__ = ["GroundingResult", "ground"]

@@ -7,8 +7,11 @@ some of these attributes (all optional); the toy world's is :mod:`diffseg_utils.
     LABELERS          {name: factory(args, backbone) -> Labeler}: extra --labeler choices
     DEFAULT_LABELER   the --labeler used when none is given
     CHECKPOINT        path of a shipped grounding module (the --grounding-ckpt default)
+    segmenter(device) the segmenter that labels generated images (protocol I's ground truth)
     module_config()   the GroundingConfig the train CLI uses by default
     provenance(bb)    a JSON dict recorded beside a trained module (what it was trained against)
+    protocol II       SEGMENTER_SETTINGS {"quick"|"full": fit_segmenter kwargs}, segmenter_net(num_classes, seed=),
+                      protocol_two_test_set(n, class_names), ground_truth_seen_dataset(n, seen, class_names)
 
 The CLIs take ``--defaults package.module`` or, without it, the backbone's ``grounding_defaults``
 attribute (a module path or an object).

@@ -47,6 +47,12 @@ def oracle_labeler(args: argparse.Namespace, backbone):
 LABELERS = {"oracle": oracle_labeler}
 
 
+def segmenter(device: torch.device | str = "cpu"):
+    """The segmenter that labels generated images and gives protocol I its ground truth (the paper's
+    Mask R-CNN): the toy world's oracle."""
+    return oracle_segmenter(device)
+
+
 def module_config():
     """Our grounding-module configuration for the toy model: the paper's architecture, narrower (width
     128) so the module trains in minutes on a CPU and ships in a few MB; Adam 1e-4 instead of 1e-5
