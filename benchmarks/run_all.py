@@ -1,0 +1,709 @@
+"""Every method at the real topologies (random weights): overhead over the UNet, memory, cost against work.
+
+    python benchmarks/run_all.py                                   # CPU, the backbones' default dtype
+    python benchmarks/run_all.py --device cuda --dtype float16      # GPU
+    python benchmarks/run_all.py --quick --out-dir /tmp/bench       # toy-size smoke run (seconds)
+
+Backbones (speed and memory do not depend on the weights, so they are random):
+  * ADM-256, DDPM-Seg's guided-diffusion UNet (``adm_config("ddpm-seg")``, 553M parameters), for
+    feature extraction at 256x256 and the DDPM-Seg ensemble on its 8448-dim features
+    (output blocks 5, 6, 7, 8, 12 x t 50, 150, 250);
+  * Stable Diffusion 1.5: the full UNet (860M), the full VAE and a 12-layer 768-wide CLIP text tower
+    (on our toy tokenizer), for EmerDiff, the cross-attention baseline (DAAM), grounding and dataset
+    synthesis at 512x512.
+
+For each method and each size of its work (images, K) it measures, in this one process:
+  * ``ratio`` = wall time / (the method's UNet evaluations x one bare UNet forward per image, measured
+    here at the batch size the method uses): its overhead over the UNet it cannot avoid (goal <= 1.2);
+    ``ratio+vae`` also counts the VAE encodes/decodes the method cannot avoid in the denominator;
+  * peak memory (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: the process's
+    RSS sampled every 2 ms, above its value before the call) against ``must hold``: the size of what
+    the method has to keep, computed from shapes (feature store, 2K latents, heat maps, ...);
+  * the growth exponent of time and memory against the work (least-squares slope in log-log) and a
+    log-log plot per method (``scaling_<method>_<device>.png``).
+Where a ratio exceeds 1.2 the call is profiled (cProfile, during the timed run) and the functions
+holding the time are listed. Results go to stdout and to ``results.md`` in ``--out-dir`` (one section
+per device and dtype, replaced on a rerun).
+
+CPU runs use reduced step counts where a method's cost is a fixed multiple of its steps (printed):
+EmerDiff 1 DDIM step below t_m (the paper: 50 steps over [0, 1000], about 15 below t_m = 281),
+generation 2 steps (paper 50), the MLP ensemble a capped number of batches. The ratios do not
+depend on the step count, since every step is the same UNet call.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import math
+import os
+import platform
+import pstats
+import re
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffseg_utils.backbones import Backbone  # noqa: E402
+from diffseg_utils.topologies import (ddpm256_unet_config, ddpm_scheduler_config, sd15_text_config,  # noqa: E402
+                                      sd15_unet_config, sd15_vae_config)
+
+GOAL = 1.2
+ADM_BLOCKS, ADM_TIMESTEPS = [5, 6, 7, 8, 12], [50, 150, 250]
+
+
+# ---------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator peak, or sampled process RSS on the CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval = device, interval
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._max = self._proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, self._proc.memory_info().rss)
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, self._proc.memory_info().rss)
+        self.peak = self._max - self._base
+
+
+class UNetCounter:
+    """Counts UNet calls and the batch elements they carry (a forward pre-hook), for the report."""
+
+    def __init__(self, unet):
+        self.unet, self.calls, self.elements = unet, 0, 0
+
+    def __enter__(self):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["sample"]
+            self.calls += 1
+            self.elements += x.shape[0]
+        self._h = self.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+
+def run_measured(fn, device: torch.device, profile: bool = False, unet=None):
+    """(seconds, peak bytes, result, cProfile stats or None) of ``fn()``; with ``unet``, also the
+    UNet batch elements seen during the call (a 5th item)."""
+    if unet is not None:
+        with UNetCounter(unet) as cnt:
+            out = run_measured(fn, device, profile)
+        return (*out, cnt.elements)
+    prof = cProfile.Profile() if profile else None
+    _sync(device)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        try:
+            out = fn()
+            _sync(device)
+        finally:
+            if prof is not None:
+                prof.disable()
+        secs = time.perf_counter() - t0
+    return secs, mem.peak, out, prof
+
+
+def where_time_goes(prof: cProfile.Profile, n: int = 6) -> list[str]:
+    """Top functions by self time, and our own functions by cumulative time."""
+    st = pstats.Stats(prof)
+    st.calc_callees()
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        rows.append((tt, ct, nc, f"{Path(file).name}:{line}({fn})" if file != "~" else fn, file))
+    total = sum(r[0] for r in rows) or 1.0
+    own = sorted((r for r in rows if "diffseg_utils" in r[4]), key=lambda r: -r[1])[:n]
+    self_t = sorted(rows, key=lambda r: -r[0])[:n]
+    lines = ["self time: " + "; ".join(f"{name} {tt:.2f}s ({100 * tt / total:.0f}%, {nc} calls)"
+                                      for tt, _ct, nc, name, _ in self_t)]
+    lines.append("our functions, cumulative: " + "; ".join(f"{name} {ct:.2f}s" for _tt, ct, _nc, name, _ in own))
+    return lines
+
+
+class Bare:
+    """One bare UNet forward (and VAE encode/decode) per image, timed here at a given batch size."""
+
+    def __init__(self, device: torch.device, repeats: int, max_batch: int | None):
+        self.device, self.repeats, self.max_batch = device, repeats, max_batch
+        self.cache: dict = {}
+
+    def _time(self, fn) -> float:
+        fn()  # warm-up (kernel selection, oneDNN primitives)
+        best = math.inf
+        for _ in range(self.repeats):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(self.device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def _batch(self, b: int) -> int:
+        return max(1, min(b, self.max_batch)) if self.max_batch else max(1, b)
+
+    @torch.no_grad()
+    def unet(self, bb: Backbone, batch: int, t: int = 281) -> float:
+        """Seconds per batch element of ``bb.unet`` at batch ``batch`` (empty-prompt condition)."""
+        b = self._batch(batch)
+        key = ("unet", id(bb), b)
+        if key not in self.cache:
+            r = bb.latent_resolution
+            x = torch.randn(b, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
+            tt = torch.full((b,), t, device=bb.device, dtype=torch.long)
+            cond = bb.empty_prompt(b)
+            kw = {"encoder_hidden_states": cond} if cond is not None else {}
+            self.cache[key] = self._time(lambda: bb.unet(x, tt, **kw)) / b
+        return self.cache[key]
+
+    @torch.no_grad()
+    def decode(self, bb: Backbone, batch: int) -> float:
+        if bb.vae is None:
+            return 0.0
+        b = self._batch(batch)
+        key = ("decode", id(bb), b)
+        if key not in self.cache:
+            r = bb.latent_resolution
+            z = torch.randn(b, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
+            self.cache[key] = self._time(lambda: bb.vae.decode(z)) / b
+        return self.cache[key]
+
+    @torch.no_grad()
+    def encode(self, bb: Backbone) -> float:
+        if bb.vae is None:
+            return 0.0
+        key = ("encode", id(bb))
+        if key not in self.cache:
+            x = torch.rand(1, 3, bb.resolution, bb.resolution, device=bb.device, dtype=bb.dtype) * 2 - 1
+            self.cache[key] = self._time(lambda: bb.vae.encode(x))
+        return self.cache[key]
+
+
+@dataclass
+class Point:
+    """One measured size of one method."""
+
+    work: float
+    seconds: float
+    peak: int
+    must_hold: int
+    unet_evals: float
+    unet_seconds: float          # evals x bare forward per element
+    vae_seconds: float = 0.0     # unavoidable VAE calls x bare VAE call per image
+    note: str = ""
+    seen: int = 0                # UNet batch elements actually run (forward pre-hook)
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.unet_seconds if self.unet_seconds else float("nan")
+
+    @property
+    def ratio_vae(self) -> float:
+        d = self.unet_seconds + self.vae_seconds
+        return self.seconds / d if d else float("nan")
+
+
+@dataclass
+class Method:
+    name: str
+    work_label: str
+    setting: str
+    points: list[Point] = field(default_factory=list)
+    profile: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    memory_note: str = ""
+
+    def exponent(self, attr: str) -> float:
+        pts = [p for p in self.points if getattr(p, attr) > 0]
+        if len(pts) < 2 or len({p.work for p in pts}) < 2:
+            return float("nan")
+        x = np.log([p.work for p in pts])
+        y = np.log([getattr(p, attr) for p in pts])
+        return float(np.polyfit(x, y, 1)[0])
+
+
+def mib(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB" if b >= 2**20 else f"{b / 2**10:,.1f} KiB"
+
+
+# ---------------------------------------------------------------------------- backbones
+def build_adm(device, dtype, quick: bool) -> Backbone:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    if quick:  # the google DDPM-256 layout, shrunk (6 levels: ADM's block indices still apply)
+        unet, sched = UNet2DModel(**ddpm256_unet_config(tiny=True)), DDPMScheduler(**ddpm_scheduler_config())
+    else:
+        from diffseg_utils.adm import adm_config, adm_scheduler
+
+        unet, sched = UNet2DModel(**adm_config("ddpm-seg", eps_only=True)), adm_scheduler("ddpm-seg", eps_only=True)
+    bb = Backbone(unet=unet, scheduler=sched, name="adm-256" if not quick else "ddpm-tiny", device=device, dtype=dtype)
+    bb.blocks()  # the one dry run every method starts with, out of the timings
+    return bb
+
+
+def build_sd(device, dtype, quick: bool) -> Backbone:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffseg_utils.toy.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"), model_max_length=16 if quick else 77)
+    text = CLIPTextModel(CLIPTextConfig(**sd15_text_config(quick, vocab_size=len(tok)), bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          steps_offset=1, clip_sample=False)
+    bb = Backbone(unet=UNet2DConditionModel(**sd15_unet_config(quick)), vae=AutoencoderKL(**sd15_vae_config(quick)),
+                  text_encoder=text, tokenizer=tok, scheduler=sched, name="sd-1.5" if not quick else "sd-tiny",
+                  device=device, dtype=dtype)
+    bb.blocks()  # the one dry run every method starts with, out of the timings
+    return bb
+
+
+def n_params(m) -> float:
+    return sum(p.numel() for p in m.parameters()) / 1e6
+
+
+# ---------------------------------------------------------------------------- methods
+def bench_features(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> tuple[Method, object]:
+    """DDPM-Seg feature extraction at the backbone's resolution; work = images."""
+    from diffseg_utils.features import extract_features
+
+    bs = plan["feature_batch"]
+    m = Method("features", "images", f"{bb.name} {bb.resolution}px, ADM blocks {ADM_BLOCKS} x t {ADM_TIMESTEPS}, "
+                                     f"batch {bs} image(s) x {len(ADM_TIMESTEPS)} t per UNet call")
+    fm = None
+    for i, n in enumerate(plan["feature_images"]):
+        imgs = torch.rand(n, 3, bb.resolution, bb.resolution)
+        secs, peak, fm, prof, seen = run_measured(
+            lambda: extract_features(bb, imgs, ADM_BLOCKS, ADM_TIMESTEPS, batch_size=bs, progress=False),
+            bb.device, profile=profile_all or i == 0, unet=bb.unet)
+        evals = len(ADM_TIMESTEPS) * n
+        unit = bare.unet(bb, len(ADM_TIMESTEPS) * min(bs, n), t=ADM_TIMESTEPS[0])
+        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, evals * unit, seen=seen))
+        if i == 0:
+            m._prof = prof
+    dense = fm.channels * bb.resolution ** 2 * 4
+    m.memory_note = (f"must hold = the lazy fp16 store ({mib(fm.nbytes() / fm.num_images)} / image, {fm.channels} "
+                     f"dims at native resolutions); DDPM-Seg's dense fp32 store would be {mib(dense)} / image "
+                     f"({fm.channels} x {bb.resolution}^2 x 4 B, from shapes: {dense / (fm.nbytes() / fm.num_images):.0f}x)")
+    return m, fm
+
+
+def bench_ddpmseg(fm, bb: Backbone, plan: dict) -> list[Method]:
+    """The 10-member MLP ensemble on the extracted features: fit (capped batches) and predict."""
+    from diffseg_utils.ddpmseg import FewShotSegmenter
+    from diffseg_utils.pixel_classifier import EnsembleConfig
+
+    K = 28
+    H, W = fm.image_size
+    n = fm.num_images
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, K, (n, H, W), generator=g).numpy()
+    steps = plan["ensemble_steps"]
+    cfg = EnsembleConfig(num_classes=K, max_steps=steps)
+    seg = FewShotSegmenter(None, fm.blocks, fm.timesteps, K, config=cfg)
+    secs, peak, _, _ = run_measured(lambda: seg.fit(None, labels, features=fm, progress=False), bb.device)
+    fit = Method("ddpmseg-fit", "batches", f"{fm.channels} dims, {n} image(s) {H}x{W}, 10 members, batch 64, "
+                                           f"{steps} batches (capped; the paper trains to early stopping)")
+    member_params = sum(p.numel() for p in seg.ensemble.params()) * 4
+    fit.points.append(Point(steps, secs, peak, member_params, 0, 0.0, note=f"{1e3 * secs / steps:.1f} ms / batch"))
+    fit.memory_note = (f"must hold = the 10 members' parameters ({mib(member_params)}); training pixels' dense fp32 "
+                       f"features would be {mib(n * H * W * fm.channels * 4)}")
+    pred = Method("ddpmseg-predict", "images", f"{fm.channels} dims, {H}x{W}, 10 members, chunks of 16384 pixels")
+    for k in plan["predict_images"]:
+        sub = fm.images(slice(0, k))
+        secs, peak, _, _ = run_measured(lambda: seg.predict(features=sub), bb.device)
+        pred.points.append(Point(k, secs, peak, k * H * W * (8 + 4), 0, 0.0,
+                                 note=f"{1e6 * secs / (k * H * W):.1f} us / pixel"))
+    pred.memory_note = (f"must hold = labels + uncertainty ({12} B / pixel); the dense fp32 features DDPM-Seg "
+                        f"predicts from would be {mib(H * W * fm.channels * 4)} / image")
+    return [fit, pred]
+
+
+def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Method:
+    """EmerDiff on one image; work = K (segments)."""
+    from diffseg_utils.emerdiff import emerdiff_segment
+
+    steps = plan["emerdiff_steps"]
+    chunk, dec = 16, 8
+    m = Method("emerdiff", "K", f"{bb.name} {bb.resolution}px, 1 image, t_m = 281, num_inference_steps={steps}"
+                                f" (DDIM steps below t_m: see evals), chunk_size {chunk}, decode_batch_size {dec}")
+    img = torch.rand(1, 3, bb.resolution, bb.resolution)
+    for i, K in enumerate(plan["emerdiff_K"]):
+        secs, peak, res, prof, seen = run_measured(
+            lambda: emerdiff_segment(bb, img, K, num_inference_steps=steps, chunk_size=chunk,
+                                     decode_batch_size=dec, progress=False), bb.device,
+            profile=profile_all or i == 0, unet=bb.unet)
+        k_eff = int(torch.unique(res.low_res[0]).numel())
+        evals = res.min_unet_evals_per_image
+        ts = res.extra["timesteps"]
+        unit = bare.unet(bb, min(chunk, 2 * k_eff))
+        vae = bare.encode(bb) + 2 * k_eff * bare.decode(bb, dec)
+        r = bb.latent_resolution
+        hold = 2 * k_eff * bb.latent_channels * r * r * bb.dtype.itemsize + K * bb.resolution ** 2 * 4
+        m.points.append(Point(K, secs, peak, hold, evals, evals * unit, vae,
+                              note=f"{k_eff} segments, {len(ts)} UNet steps per run {ts}; the t_m pass runs "
+                                   "the shared prefix once (batch 1)", seen=seen))
+        if i == 0:
+            m._prof = prof
+    m.memory_note = ("must hold = the 2K final latents + the K float32 difference maps at image size "
+                     "(from shapes); decoded images are reduced chunk by chunk")
+    return m
+
+
+def _prompts(n: int) -> tuple[list[str], list[str]]:
+    from diffseg_utils.toy.world import CATEGORIES
+
+    words = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
+    return [f"a photograph of a {w}" for w in words], words
+
+
+def bench_daam(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Method:
+    from diffseg_utils.attention_maps import daam_segment
+
+    steps = plan["gen_steps"]
+    m = Method("daam", "images", f"{bb.name} {bb.resolution}px, DDIM {steps} steps, guidance 7.5 (batch 2N)")
+    L = bb.tokenizer.model_max_length
+    for i, n in enumerate(plan["gen_images"]):
+        prompts, words = _prompts(n)
+        secs, peak, _, prof, seen = run_measured(
+            lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance=7.5), bb.device,
+            profile=profile_all or i == 0, unet=bb.unet)
+        evals = 2 * n * steps
+        hold = n * L * bb.latent_resolution ** 2 * 4
+        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
+                              seen=seen))
+        if i == 0:
+            m._prof = prof
+    m.memory_note = "must hold = the running (N, tokens, 64, 64) float32 sum of heat maps"
+    return m
+
+
+def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Method:
+    from diffseg_utils.grounding.features import generate_with_features
+    from diffseg_utils.grounding.module import GroundingModule, class_embeddings
+
+    steps = plan["gen_steps"]
+    gm = GroundingModule.for_backbone(bb)
+    m = Method("grounding", "images", f"{bb.name} {bb.resolution}px, generate_with_features (DDIM {steps} steps, "
+                                      f"guidance 5) + GroundingModule.predict ({n_params(gm):.1f}M params, fp32)")
+
+    def run(prompts, words):
+        batch = generate_with_features(bb, prompts, num_steps=steps, guidance=5.0)
+        q = class_embeddings(bb, words)[:, None]          # one query per image
+        return batch, gm.predict(batch.features, q)
+
+    for i, n in enumerate(plan["gen_images"]):
+        prompts, words = _prompts(n)
+        secs, peak, (batch, _), prof, seen = run_measured(lambda: run(prompts, words), bb.device,
+                                                          profile=profile_all or i == 0, unet=bb.unet)
+        evals = 2 * n * steps
+        hold = sum(f.numel() * f.element_size() for f in batch.features.values())
+        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
+                              seen=seen))
+        if i == 0:
+            m._prof = prof
+    m.memory_note = (f"must hold = the grouped fp16 features ({mib(m.points[-1].must_hold / plan['gen_images'][-1])}"
+                     " / image, uncond + cond)")
+    return m
+
+
+class _ChannelSegmenter:
+    """A stand-in detector: class j = pixels where colour channel j % 3 is above 0 (score 1)."""
+
+    name = "channel-threshold"
+
+    def __init__(self, class_names):
+        self.class_names = tuple(class_names)
+
+    def __call__(self, images):
+        from diffseg_utils.grounding.segmenter import SegmenterOutput
+
+        masks = torch.stack([images[:, j % 3] > 0 for j in range(len(self.class_names))], 1)
+        return SegmenterOutput(masks, torch.ones(images.shape[0], len(self.class_names)), self.class_names)
+
+
+def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> list[Method]:
+    from diffseg_utils.grounding.labelers import SegmenterLabeler
+    from diffseg_utils.grounding.module import GroundingModule, class_embeddings
+    from diffseg_utils.grounding.shards import GroundingShards, synthesize
+    from diffseg_utils.grounding.train import train_grounding
+    from diffseg_utils.toy.world import CATEGORIES
+
+    steps, bs = plan["gen_steps"], plan["synth_batch"]
+    names = list(CATEGORIES[:4])
+    labeler = SegmenterLabeler(_ChannelSegmenter(names))
+    m = Method("synthesis", "samples", f"{bb.name} {bb.resolution}px, synthesize(): DDIM {steps} steps, guidance 5, "
+                                       f"batch {bs}, features kept, stand-in labeler, shards on local disk")
+    root = Path(tempfile.mkdtemp(prefix="bench_synth_"))
+    last = None
+    for i, n in enumerate(plan["synth_samples"]):
+        out = root / f"n{n}"
+        secs, peak, _, prof, seen = run_measured(
+            lambda: synthesize(bb, labeler, out, num_samples=n, class_names=names, shard_size=max(bs, n),
+                               num_steps=steps, guidance=5.0, batch_size=bs, progress=False),
+            bb.device, profile=profile_all or i == 0, unet=bb.unet)
+        disk = sum(f.stat().st_size for f in out.glob("shard_*.pt"))
+        evals = 2 * n * steps
+        m.points.append(Point(n, secs, peak, disk, evals, evals * bare.unet(bb, 2 * min(bs, n)),
+                              n * bare.decode(bb, min(bs, n)), note=f"{n / secs:.3f} samples/s, {mib(disk)} on disk",
+                              seen=seen))
+        if i == 0:
+            m._prof = prof
+        last = out
+    m.memory_note = "must hold = one shard (features + images + masks, its size on disk)"
+    # training the grounding module on those shards: step time at batch 2 (no UNet)
+    shards = GroundingShards(last)
+    gm = GroundingModule.for_backbone(bb)
+    q = class_embeddings(bb, shards.class_names)
+    tsteps = plan["train_steps"]
+    secs, peak, _, _ = run_measured(lambda: train_grounding(gm, shards, q, steps=tsteps, batch_size=2, progress=False,
+                                                            log_every=tsteps), bb.device)
+    tr = Method("grounding-train", "steps", f"train_grounding on the shards, batch 2, {tsteps} steps, fp32 module")
+    tr.points.append(Point(tsteps, secs, peak, sum(p.numel() * 4 * 4 for p in gm.parameters()), 0, 0.0,
+                           note=f"{secs / tsteps:.2f} s / step"))
+    tr.memory_note = "must hold = parameters + Adam moments + gradients (4 x fp32 parameters)"
+    return [m, tr]
+
+
+# ---------------------------------------------------------------------------- report
+def plot(m: Method, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(m.points, key=lambda p: p.work)
+    w = [p.work for p in pts]
+    fig, ax = plt.subplots(figsize=(3.4, 2.5), dpi=80)
+    ax.loglog(w, [p.seconds for p in pts], "o-", label=f"time (slope {m.exponent('seconds'):.2f})")
+    if any(p.unet_seconds for p in pts):
+        ax.loglog(w, [p.unet_seconds for p in pts], "k--", lw=0.8, label="bare UNet x evals")
+    ax2 = ax.twinx()
+    ax2.set_yscale("log")
+    ax2.plot(w, [max(p.peak, 1) / 2**20 for p in pts], "s:", color="C1", label=f"peak MiB (slope {m.exponent('peak'):.2f})")
+    ax.set_xlabel(m.work_label)
+    ax.set_ylabel("seconds")
+    ax2.set_ylabel("MiB", color="C1")
+    ax.set_title(m.name, fontsize=9)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(methods: list[Method]) -> list[str]:
+    out = ["| method | work | seconds | UNet evals (run) | bare UNet x evals (s) | ratio (goal <= 1.2) | ratio+vae | "
+           "peak mem | must hold | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for p in m.points:
+            r = f"{p.ratio:.2f}" if p.unet_seconds else "n/a"
+            rv = f"{p.ratio_vae:.2f}" if p.vae_seconds else "n/a"
+            flag = " **>1.2**" if p.unet_seconds and p.ratio > GOAL else ""
+            out.append(f"| {m.name} | {m.work_label} = {p.work:g} | {p.seconds:.2f} | {p.unet_evals:g} ({p.seen}) | "
+                       f"{p.unet_seconds:.2f} | {r}{flag} | {rv} | {mib(p.peak)} | {mib(p.must_hold)} | {p.note} |")
+    return out
+
+
+def report(methods: list[Method], env: dict, plan: dict, args, out_dir: Path) -> str:
+    lines = [f"### {env['key']}: {env['date']}", "",
+             f"- machine: {env['machine']}", f"- torch {torch.__version__}, threads {torch.get_num_threads()}, "
+             f"device {env['device']}, dtype {env['dtype']}{' (--quick: toy sizes, ratios not meaningful)' if args.quick else ''}",
+             f"- backbones: {env['backbones']}",
+             f"- bare UNet forward per image: {env['bare']}",
+             f"- reduced work on this run: {plan['reduced']}", "", *table(methods), "",
+             "Growth exponents (least-squares slope of log cost against log work; time should be ~1 in images and "
+             "K, memory should not grow like the dense store):", ""]
+    for m in methods:
+        if len(m.points) > 1:
+            lines.append(f"- {m.name}: time ~ {m.work_label}^{m.exponent('seconds'):.2f}, peak memory ~ "
+                         f"{m.work_label}^{m.exponent('peak'):.2f}, must-hold ~ {m.work_label}^"
+                         f"{m.exponent('must_hold'):.2f} (plot: scaling_{m.name}_{env['device']}.png)")
+    lines += ["", "Settings and memory:", ""]
+    for m in methods:
+        lines.append(f"- **{m.name}**: {m.setting}. {m.memory_note}")
+        lines += [f"  - {x}" for x in m.extra]
+    slow = [m for m in methods if m.profile]
+    if slow:
+        lines += ["", f"Where the time goes (methods whose ratio exceeds {GOAL}; cProfile of the first size's timed run):",
+                  ""]
+        for m in slow:
+            lines.append(f"- **{m.name}**:")
+            lines += [f"  - {x}" for x in m.profile]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str, key: str, path: Path) -> None:
+    head = ("# Benchmark results (benchmarks/run_all.py)\n\nOne section per device and dtype; a rerun replaces "
+            "its own section. Random weights at the real topologies (speed and memory do not depend on them).\n\n")
+    text = path.read_text() if path.exists() else head
+    start, end = f"<!-- run:{key} -->", f"<!-- end:{key} -->"
+    block = f"{start}\n{section}{end}\n"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+PLANS = {
+    # toy sizes: seconds, for the smoke test
+    "quick": dict(feature_images=[1, 2], feature_batch=1, ensemble_steps=5, predict_images=[1], emerdiff_K=[2, 4],
+                  emerdiff_steps=2, gen_images=[1, 2], gen_steps=2, synth_samples=[1, 2], synth_batch=2, train_steps=2,
+                  repeats=1, max_bare_batch=4, reduced="toy-size models (--quick)"),
+    # full topologies on a CPU: ~20 minutes on 2 cores
+    "cpu": dict(feature_images=[1, 2, 4], feature_batch=1, ensemble_steps=100, predict_images=[1, 2], emerdiff_K=[10, 40],
+                emerdiff_steps=1, gen_images=[1, 2], gen_steps=2, synth_samples=[2, 4], synth_batch=2, train_steps=5,
+                repeats=1, max_bare_batch=4,
+                reduced="EmerDiff num_inference_steps=1 (2 UNet steps per modulated run: t_m = 281 and 1; the paper "
+                        "denoises 50-step DDIM from t_m, ~16 steps); generation 2 DDIM steps (paper 50); the ensemble "
+                        "100 batches (paper: to early stopping); bare forwards timed at batch <= 4 (per-image cost "
+                        "is flat in the batch on a CPU)"),
+    "cuda": dict(feature_images=[2, 4, 8], feature_batch=8, ensemble_steps=1000, predict_images=[2, 4], emerdiff_K=[10, 20, 40],
+                 emerdiff_steps=50, gen_images=[1, 2, 4], gen_steps=50, synth_samples=[4, 8, 16], synth_batch=4,
+                 train_steps=50, repeats=3, max_bare_batch=None,
+                 reduced="none (paper steps); the ensemble 1000 batches (paper: to early stopping)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="backbone dtype (default: float16 on CUDA, float32 elsewhere)")
+    ap.add_argument("--quick", action="store_true", help="toy-size models, a few seconds (smoke test)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    choices=["features", "ddpmseg", "emerdiff", "daam", "grounding", "synthesis"])
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
+                    help="where results.md and the plots go (default: benchmarks/)")
+    ap.add_argument("--profile-all", action="store_true", help="profile every timed run, not only the first size")
+    ap.add_argument("--json", type=Path, default=None, help="also write every measured point to this JSON file")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    plan = dict(PLANS["quick" if a.quick else ("cuda" if device.type == "cuda" else "cpu")])
+    only = set(a.only or ["features", "ddpmseg", "emerdiff", "daam", "grounding", "synthesis"])
+    bare = Bare(device, plan["repeats"], plan["max_bare_batch"])
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    env = {"key": f"{device.type}-{str(dtype).replace('torch.', '')}{'-quick' if a.quick else ''}",
+           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+           "machine": f"{dev_name}; {os.cpu_count()} CPU(s) visible; {platform.platform()}",
+           "device": device.type, "dtype": str(dtype).replace("torch.", "")}
+    t_start = time.perf_counter()
+    methods: list[Method] = []
+    bbs, bare_txt = [], []
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    if only & {"features", "ddpmseg"}:
+        adm = build_adm(device, dtype, a.quick)
+        bbs.append(f"{adm.name} UNet {n_params(adm.unet):.0f}M")
+        log(f"built {adm}")
+        m, fm = bench_features(adm, bare, plan, a.profile_all)
+        methods.append(m)
+        bare_txt.append(f"{adm.name} {1e3 * bare.unet(adm, 3 * min(plan['feature_batch'], 1)):.0f} ms")
+        log(f"features done: ratios {[round(p.ratio, 2) for p in m.points]}")
+        if "ddpmseg" in only:
+            methods += bench_ddpmseg(fm, adm, plan)
+            log("ddpmseg done")
+        del adm, fm
+    if only & {"emerdiff", "daam", "grounding", "synthesis"}:
+        sd = build_sd(device, dtype, a.quick)
+        bbs.append(f"{sd.name} UNet {n_params(sd.unet):.0f}M + VAE {n_params(sd.vae):.0f}M + text "
+                   f"{n_params(sd.text_encoder):.0f}M")
+        log(f"built {sd}")
+        for name, fn in (("emerdiff", bench_emerdiff), ("daam", bench_daam), ("grounding", bench_grounding),
+                         ("synthesis", bench_synthesis)):
+            if name in only:
+                got = fn(sd, bare, plan, a.profile_all)
+                methods += got if isinstance(got, list) else [got]
+                log(f"{name} done")
+        bare_txt.append(f"{sd.name} {1e3 * bare.unet(sd, 1):.0f} ms (batch 1)")
+        if sd.vae is not None:
+            bare_txt.append(f"VAE decode {1e3 * bare.decode(sd, 1):.0f} ms, encode {1e3 * bare.encode(sd):.0f} ms")
+    env["backbones"] = "; ".join(bbs)
+    env["bare"] = ", ".join(bare_txt)
+    for m in methods:
+        prof = getattr(m, "_prof", None)
+        if prof is not None and any(p.unet_seconds and p.ratio > GOAL for p in m.points):
+            m.profile = where_time_goes(prof)
+        if len(m.points) > 1:
+            plot(m, a.out_dir / f"scaling_{m.name}_{device.type}.png")
+    section = report(methods, env, plan, a, a.out_dir)
+    section += f"\nTotal wall time of this run: {time.perf_counter() - t_start:.0f} s.\n"
+    print(section)
+    write_results(section, env["key"], a.out_dir / "results.md")
+    if a.json is not None:
+        import json
+
+        a.json.write_text(json.dumps({"env": env, "methods": [
+            {"name": m.name, "work": m.work_label, "time_exponent": m.exponent("seconds"),
+             "memory_exponent": m.exponent("peak"), "points": [
+                 {**{k: getattr(p, k) for k in ("work", "seconds", "peak", "must_hold", "unet_evals", "unet_seconds",
+                                                 "vae_seconds", "seen")}, "ratio": p.ratio} for p in m.points]}
+            for m in methods]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
