@@ -376,3 +376,32 @@ def test_choose_emerdiff_settings_picks_the_setting_that_matches(sd_tiny):
     assert table[("finer", 0.0)] == mean_hungarian_miou(res.labels, truth)
     with pytest.raises(ValueError, match="chosen or set by choose_emerdiff_settings"):
         choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lam=5.0)
+
+
+def test_viz_helpers_match_segments_and_draw(sd_tiny):
+    """Segments renamed to their matched classes (an extra segment matched to none is 255); the plot
+    helpers and the widget draw from a result without error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffseg_utils.viz_emerdiff import UNMATCHED, match_segments, segment_explorer, show_emerdiff, show_modulation
+
+    gt = np.zeros((8, 8), np.int64)
+    gt[:, 4:] = 3
+    pred = np.where(gt == 3, 7, 2)
+    pred[0, 0] = 5                                           # a one-pixel segment: matched to no class
+    want = gt.copy()
+    want[0, 0] = UNMATCHED
+    assert np.array_equal(match_segments(pred, gt), want)
+    imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    res = emerdiff_segment(sd_tiny, imgs, 3, num_inference_steps=3, return_images=True, progress=False)
+    gts = np.zeros((2, 64, 64), np.int64)
+    gts[:, 32:] = 1
+    assert len(show_emerdiff(res, 1, imgs[1], gts[1], ["background", "thing"])) == 5
+    assert len(show_modulation(res, 0, int(res.low_res[0, 0, 0]))) == 4
+    assert len(segment_explorer(res, imgs, gts, ["background", "thing"]).children) == 2
+    plt.close("all")
+    with pytest.raises(ValueError, match="return_images=True"):
+        show_modulation(emerdiff_segment(sd_tiny, imgs[:1], 3, num_inference_steps=3, progress=False), 0, 0)
