@@ -106,17 +106,27 @@ def heatmap(values, row_labels, col_labels, ax=None, title: str | None = None, f
 
 
 def pca_rgb(features: torch.Tensor) -> np.ndarray:
-    """(C, H, W) features -> (H, W, 3) uint8: the first three principal components as colours."""
+    """(C, H, W) features -> (H, W, 3) uint8: the first three principal components as colours.
+
+    Deterministic: an exact eigendecomposition of the C x C covariance, each component's sign fixed
+    so that its largest-magnitude loading is positive (the same map always gets the same colours).
+    """
     c, h, w = features.shape
     x = features.float().reshape(c, -1).T
     x = x - x.mean(0)
-    _, _, v = torch.pca_lowrank(x, q=3, center=False)
-    p = x @ v[:, :3]
+    _, vecs = torch.linalg.eigh(x.T @ x)
+    v = vecs[:, -3:].flip(1)  # top three components, largest first
+    if v.shape[1] < 3:
+        v = torch.cat([v, v.new_zeros(c, 3 - v.shape[1])], 1)
+    sign = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
+    v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
+    p = x @ v
     p = (p - p.min(0).values) / (p.max(0).values - p.min(0).values).clamp_min(1e-6)
     return (p.reshape(h, w, 3).cpu().numpy() * 255).astype(np.uint8)
 
 
-def label_legend(ax, class_names, labels=None, *, loc: str = "center left", fontsize: int = 6, unseen=()):
+def label_legend(ax, class_names, labels=None, *, loc: str = "center left", fontsize: int = 6, unseen=(),
+                 title: str | None = None):
     """A colour legend for label maps drawn by :func:`show_labels`, placed beside ``ax``.
 
     ``class_names[k]`` names label id ``k`` (0 = background). With ``labels`` only the ids that
@@ -131,7 +141,8 @@ def label_legend(ax, class_names, labels=None, *, loc: str = "center left", font
     pal = label_palette(256)
     star = lambda n: f"{n} *" if n in unseen else n  # noqa: E731
     handles = [Patch(color=pal[k] / 255, label=star(class_names[k])) for k in ids]
-    title = "* unseen in training" if unseen else None
+    if unseen:
+        title = (title + "\n" if title else "") + "* unseen in training"
     ax.legend(handles=handles, loc=loc, bbox_to_anchor=(1.02, 0.5), fontsize=fontsize, frameon=False, title=title,
               title_fontsize=fontsize)
     return ax
@@ -153,7 +164,7 @@ def show_features(features, images, labels, block: str, t: int, idx: int = 0, *,
     fmap = features.maps[(t, block)][idx].float()
     up = torch.nn.functional.interpolate(fmap[None], size=features.image_size, mode="bilinear")[0]
     if axes is None:
-        _, axes = plt.subplots(1, 4, figsize=(8, 2.2))
+        _, axes = plt.subplots(1, 4, figsize=(10, 2.4), gridspec_kw={"wspace": 0.05})
     show_image(images[idx], axes[0], title=title or f"image {idx}")
     show_labels(labels[idx], axes[1], title="ground truth")
     axes[2].imshow(pca_rgb(up))
@@ -161,8 +172,8 @@ def show_features(features, images, labels, block: str, t: int, idx: int = 0, *,
     axes[2].set_title(f"PCA of {block}\nt={t}", fontsize=7)
     km = KMeans(k, n_init=3, random_state=seed).fit_predict(up.reshape(up.shape[0], -1).T.cpu().numpy())
     show_labels(km.reshape(features.image_size) + 1, axes[3], title=f"k-means ({k}) on the features")
-    if class_names is not None:
-        label_legend(axes[1], class_names, labels[idx])
+    if class_names is not None:  # beside the last panel, where it covers nothing
+        label_legend(axes[3], class_names, labels[idx], title="ground-truth classes")
     return axes
 
 
