@@ -101,7 +101,9 @@ def check_expected(notebook: str, run: str, values: dict[str, float], *, params:
     headless run fails loudly.
 
     With the environment variable ``DIFFSEG_RECORD_EXPECTED=1`` the numbers are *recorded* instead
-    (tolerance ``tol``, reason ``why``): how the committed values are made, from a reviewed run.
+    (tolerance ``tol``, reason ``why``): how the committed values are made, from a reviewed run. The
+    printed lines are those a rerun reproducing the numbers prints, so a notebook executed once in
+    record mode carries the output nbval compares later runs with.
     """
     f = Path(path or EXPECTED_FILE)
     norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
@@ -114,7 +116,8 @@ def check_expected(notebook: str, run: str, values: dict[str, float], *, params:
         entries = [e for e in entries if e is not match] + [new]
         data.setdefault(notebook, {})[run] = entries
         f.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(values)} expected numbers for {notebook} on run {run!r}")
+        for k in values:  # what the check prints on a rerun that reproduces these numbers
+            print(f"{k}: ok")
         return {k: True for k in values}
     if match is None:
         print(f"no expected numbers committed for {notebook} on run {run!r} with these parameters; nothing to check")

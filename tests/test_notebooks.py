@@ -62,6 +62,7 @@ def test_check_expected_records_checks_and_refuses(tmp_path, monkeypatch, capsys
     params = {"N": 20}
     monkeypatch.setenv("DIFFSEG_RECORD_EXPECTED", "1")
     check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, tol=0.01, why="seeded", path=f)
+    assert capsys.readouterr().out.splitlines() == ["a: ok", "b: ok"]  # as a rerun prints it
     monkeypatch.delenv("DIFFSEG_RECORD_EXPECTED")
     assert check_expected("nb", "toy", {"a": 0.505, "b": 0.25}, params=params, path=f) == {"a": True, "b": True}
     assert capsys.readouterr().out.splitlines()[-2:] == ["a: ok", "b: ok"]
