@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import re
 import os
 import sys
 import time
@@ -73,10 +74,45 @@ def _quiet_kernel_stderr():
         os.close(devnull)
 
 
+_PROGRESS = re.compile(r"\d+%\|")
+
+
+def clean_outputs(path: Path) -> None:
+    """Drop what only made sense while a notebook ran: progress-bar widgets and progress lines on
+    stderr (saved, they read "0%"), papermill's per-cell timing metadata, and empty streams."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        keep = []
+        for o in cell.get("outputs", []):
+            data = o.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in data and _PROGRESS.search(data.get("text/plain", "")):
+                continue
+            if o.get("output_type") == "stream" and o.get("name") == "stderr":
+                lines = [ln for ln in o["text"].splitlines(keepends=True) if not _PROGRESS.search(ln)]
+                if not "".join(lines).strip():
+                    continue
+                o["text"] = "".join(lines)
+            keep.append(o)
+        cell.outputs = keep
+    nb.metadata.pop("papermill", None)
+    nbformat.write(nb, path)
+
+
 def reproduce(selected: list[str] | None = None, *, backbone: str | None = None, dataset: str | None = None,
               params: dict | None = None, timeout: int = 1800, results: Path | None = None,
-              progress: bool = True) -> Path:
-    """Execute notebooks with injected parameters; returns the run's results folder."""
+              progress: bool = True, out_dir: Path | None = None) -> Path:
+    """Execute notebooks with injected parameters; returns the run's results folder.
+
+    Executed notebooks go to ``<results>/<run>/notebooks/`` (``out_dir`` instead, e.g. the
+    ``notebooks/`` folder itself to refresh the committed outputs), recorded numbers to
+    ``<results>/<run>/metrics/`` and ``summary.md``.
+    """
     import papermill as pm
 
     params = dict(params or {})
@@ -85,7 +121,7 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
     if dataset:
         params["DATASET"] = dataset
     root = Path(results or os.environ.get("DIFFSEG_RESULTS_ROOT", REPO_ROOT / "results")) / run_name(backbone, dataset)
-    out_dir = root / "notebooks"
+    out_dir = Path(out_dir) if out_dir is not None else root / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     nbs = notebooks(selected)
     if not nbs:
@@ -108,6 +144,7 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
             pm.execute_notebook(str(p), str(out_dir / p.name), parameters=params, cwd=str(p.parent),
                                 kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
                                 log_output=False, report_mode=False)
+        clean_outputs(out_dir / p.name)
         print(f"    done in {time.time() - t0:.0f} s -> {out_dir / p.name}", flush=True)
     summary = root / "summary.md"
     summary.write_text(summary_markdown(sections, title=f"backbone {backbone or 'toy'}, dataset {dataset or 'default'}"))
@@ -128,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     r.add_argument("--results", type=Path, help="results root (default: <repo>/results)")
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    r.add_argument("--out-dir", type=Path, help="write the executed notebooks here (e.g. notebooks/ to refresh them)")
     sub.add_parser("list", help="list the known backbones and datasets")
     a = ap.parse_args(argv)
     if a.cmd == "reproduce":
         sel = [s for s in a.notebooks.replace(" ", ",").split(",") if s]
         reproduce(sel or None, backbone=a.backbone, dataset=a.dataset, params=_parse_set(a.set), timeout=a.timeout,
-                  results=a.results, progress=not a.no_progress)
+                  results=a.results, progress=not a.no_progress, out_dir=a.out_dir)
         return 0
     from .registry import list_backbones
 

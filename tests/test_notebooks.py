@@ -53,7 +53,8 @@ def test_committed_outputs_are_clean(path):
     text = path.read_text()
     for pattern, what in [(r"<Axes: ", "a stray Axes repr"), (r"Text\(\d", "a stray Text repr"),
                           (r" at 0x[0-9a-f]{6,}", "a memory address"), (r"/tmp/", "a temporary path"),
-                          (r"/work/", "this machine's path"), (r"IOPub data rate", "a throttled output")]:
+                          (r"/work/", "this machine's path"), (r"IOPub data rate", "a throttled output"),
+                          (r"\d+%\|", "a stale progress bar")]:
         assert not re.search(pattern, text), f"{path.name} holds {what}"
 
 
