@@ -55,8 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffseg_utils.backbones import Backbone  # noqa: E402
-from diffseg_utils.topologies import (ddpm256_unet_config, ddpm_scheduler_config, sd15_text_config,  # noqa: E402
-                                      sd15_unet_config, sd15_vae_config)
+from diffseg_utils.topologies import sd15_text_config, sd15_unet_config, sd15_vae_config  # noqa: E402
 
 GOAL = 1.2
 ADM_BLOCKS, ADM_TIMESTEPS = [5, 6, 7, 8, 12], [50, 150, 250]
@@ -148,20 +147,30 @@ def run_measured(fn, device: torch.device, profile: bool = False, unet=None):
     return secs, mem.peak, out, prof
 
 
-def where_time_goes(prof: cProfile.Profile, n: int = 6) -> list[str]:
-    """Top functions by self time, and our own functions by cumulative time."""
+def where_time_goes(prof: cProfile.Profile, total: float, bare_unet: float, n: int = 6) -> list[str]:
+    """Where the wall time of a profiled call went: inside the UNet's and the VAE's forwards, and,
+    for the rest, our functions ranked by their own time plus the torch ops they call directly."""
     st = pstats.Stats(prof)
     st.calc_callees()
-    rows = []
-    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
-        rows.append((tt, ct, nc, f"{Path(file).name}:{line}({fn})" if file != "~" else fn, file))
-    total = sum(r[0] for r in rows) or 1.0
-    own = sorted((r for r in rows if "diffseg_utils" in r[4]), key=lambda r: -r[1])[:n]
-    self_t = sorted(rows, key=lambda r: -r[0])[:n]
-    lines = ["self time: " + "; ".join(f"{name} {tt:.2f}s ({100 * tt / total:.0f}%, {nc} calls)"
-                                      for tt, _ct, nc, name, _ in self_t)]
-    lines.append("our functions, cumulative: " + "; ".join(f"{name} {ct:.2f}s" for _tt, ct, _nc, name, _ in own))
-    return lines
+    unet = vae = 0.0
+    own: dict[str, float] = {}
+    for func, (_cc, _nc, tt, ct, _callers) in st.stats.items():
+        file, line, fn = func
+        name = Path(file).name
+        if fn == "forward" and name in ("unet_2d_condition.py", "unet_2d.py"):
+            unet += ct
+        elif fn == "forward" and name == "vae.py":  # Encoder / Decoder
+            vae += ct
+        if "diffseg_utils" in file or "benchmarks" in file:
+            direct = sum(c[3] for callee, c in st.all_callees.get(func, {}).items() if callee[0] == "~")
+            own[f"{name}:{line}({fn})"] = tt + direct
+    rest = max(total - unet - vae, 0.0)
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return [f"UNet forwards {unet:.2f} s ({100 * unet / total:.0f}%; bare forwards x evals: {bare_unet:.2f} s, the "
+            f"difference is hooks / processors inside the UNet and batch shapes), VAE encoder/decoder {vae:.2f} s "
+            f"({100 * vae / total:.0f}%), everything else {rest:.2f} s ({100 * rest / total:.0f}%)",
+            "outside the models, by function (own time + torch ops it calls directly): "
+            + "; ".join(f"{k} {v:.2f} s" for k, v in top)]
 
 
 class Bare:
@@ -271,16 +280,16 @@ def mib(b: float) -> str:
 
 # ---------------------------------------------------------------------------- backbones
 def build_adm(device, dtype, quick: bool) -> Backbone:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
+
+    from diffseg_utils.adm import DDPMSEG_FLAGS, adm_config, adm_scheduler
 
     torch.manual_seed(0)
-    if quick:  # the google DDPM-256 layout, shrunk (6 levels: ADM's block indices still apply)
-        unet, sched = UNet2DModel(**ddpm256_unet_config(tiny=True)), DDPMScheduler(**ddpm_scheduler_config())
-    else:
-        from diffseg_utils.adm import adm_config, adm_scheduler
-
-        unet, sched = UNet2DModel(**adm_config("ddpm-seg", eps_only=True)), adm_scheduler("ddpm-seg", eps_only=True)
-    bb = Backbone(unet=unet, scheduler=sched, name="adm-256" if not quick else "ddpm-tiny", device=device, dtype=dtype)
+    # quick: the same ADM layout (scale-shift norms, resblock up/down, 6 levels) at 64 px and 32 base channels
+    flags = {**DDPMSEG_FLAGS, "num_channels": 32, "image_size": 64, "channel_mult": "1,1,2,2,4,4",
+             "num_head_channels": 32} if quick else "ddpm-seg"
+    unet, sched = UNet2DModel(**adm_config(flags, eps_only=True)), adm_scheduler(flags, eps_only=True)
+    bb = Backbone(unet=unet, scheduler=sched, name="adm-256" if not quick else "adm-tiny", device=device, dtype=dtype)
     bb.blocks()  # the one dry run every method starts with, out of the timings
     return bb
 
@@ -326,7 +335,7 @@ def bench_features(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> t
         unit = bare.unet(bb, len(ADM_TIMESTEPS) * min(bs, n), t=ADM_TIMESTEPS[0])
         m.points.append(Point(n, secs, peak, fm.nbytes(), evals, evals * unit, seen=seen))
         if i == 0:
-            m._prof = prof
+            m._prof = (prof, secs)
     dense = fm.channels * bb.resolution ** 2 * 4
     m.memory_note = (f"must hold = the lazy fp16 store ({mib(fm.nbytes() / fm.num_images)} / image, {fm.channels} "
                      f"dims at native resolutions); DDPM-Seg's dense fp32 store would be {mib(dense)} / image "
@@ -390,7 +399,7 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
                               note=f"{k_eff} segments, {len(ts)} UNet steps per run {ts}; the t_m pass runs "
                                    "the shared prefix once (batch 1)", seen=seen))
         if i == 0:
-            m._prof = prof
+            m._prof = (prof, secs)
     m.memory_note = ("must hold = the 2K final latents + the K float32 difference maps at image size "
                      "(from shapes); decoded images are reduced chunk by chunk")
     return m
@@ -419,7 +428,7 @@ def bench_daam(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Metho
         m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
                               seen=seen))
         if i == 0:
-            m._prof = prof
+            m._prof = (prof, secs)
     m.memory_note = "must hold = the running (N, tokens, 64, 64) float32 sum of heat maps"
     return m
 
@@ -447,7 +456,7 @@ def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
         m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
                               seen=seen))
         if i == 0:
-            m._prof = prof
+            m._prof = (prof, secs)
     m.memory_note = (f"must hold = the grouped fp16 features ({mib(m.points[-1].must_hold / plan['gen_images'][-1])}"
                      " / image, uncond + cond)")
     return m
@@ -494,7 +503,7 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
                               n * bare.decode(bb, min(bs, n)), note=f"{n / secs:.3f} samples/s, {mib(disk)} on disk",
                               seen=seen))
         if i == 0:
-            m._prof = prof
+            m._prof = (prof, secs)
         last = out
     m.memory_note = "must hold = one shard (features + images + masks, its size on disk)"
     # training the grounding module on those shards: step time at batch 2 (no UNet)
@@ -687,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
     for m in methods:
         prof = getattr(m, "_prof", None)
         if prof is not None and any(p.unet_seconds and p.ratio > GOAL for p in m.points):
-            m.profile = where_time_goes(prof)
+            m.profile = where_time_goes(*prof, m.points[0].unet_seconds)
         if len(m.points) > 1:
             plot(m, a.out_dir / f"scaling_{m.name}_{device.type}.png")
     section = report(methods, env, plan, a, a.out_dir)
