@@ -325,8 +325,18 @@ def test_grounding_bf16(sd, tmp_path):
         shards = GroundingShards(tmp_path / "seg")
         hist = train_grounding(gm, shards, class_embeddings(bb, names), steps=3, batch_size=2, progress=False,
                                log_every=3)
+        # protocol I: the module and the cross-attention baseline scored against a segmenter on generations
+        from diffseg_utils.grounding.protocols import evaluate_on_generations
+
+        res = evaluate_on_generations(bb, gm, _Halves(names), names, names[:2], num_images=2, num_steps=2,
+                                      batch_size=2, progress=False)
     rec.check()
     assert len(shards) == 3 and np.isfinite(hist[-1]["loss"])
+    assert set(res.table()) == {"grounding", "daam"} and sum(res.pairs.values()) > 0
+    assert all(0 <= v <= 1 for m in res.iou.values() for v in m.values() if not np.isnan(v))
+    gm.save(tmp_path / "gm.pt")
+    back = GroundingModule.load(tmp_path / "gm.pt", bb)
+    assert next(back.parameters()).dtype == torch.float32  # the module trains in float32 whatever the backbone
 
 
 def test_ground_bf16(sd):
