@@ -67,6 +67,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS
+    growth during the next call measures what that call allocates."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator peak, or sampled process RSS on the CPU."""
 
@@ -82,6 +95,7 @@ class PeakMemory:
             return self
         import psutil
 
+        _release_free_memory()  # heap kept from earlier calls would hide this call's growth in RSS
         self._proc = psutil.Process()
         self._base = self._max = self._proc.memory_info().rss
         self._stop = threading.Event()
