@@ -138,6 +138,9 @@ class UNetCounter:
         self._h.remove()
 
 
+LAST_CPU = [0.0]  # process CPU seconds of the last run_measured call (steadier than wall time on a shared machine)
+
+
 def run_measured(fn, device: torch.device, profile: bool = False, unet=None):
     """(seconds, peak bytes, result, cProfile stats or None) of ``fn()``; with ``unet``, also the
     UNet batch elements seen during the call (a 5th item)."""
@@ -148,6 +151,7 @@ def run_measured(fn, device: torch.device, profile: bool = False, unet=None):
     prof = cProfile.Profile() if profile else None
     _sync(device)
     with PeakMemory(device) as mem:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         if prof is not None:
             prof.enable()
@@ -158,6 +162,7 @@ def run_measured(fn, device: torch.device, profile: bool = False, unet=None):
             if prof is not None:
                 prof.disable()
         secs = time.perf_counter() - t0
+        LAST_CPU[0] = time.process_time() - c0
     return secs, mem.peak, out, prof
 
 
@@ -193,17 +198,32 @@ class Bare:
     def __init__(self, device: torch.device, repeats: int, max_batch: int | None):
         self.device, self.repeats, self.max_batch = device, repeats, max_batch
         self.cache: dict = {}
+        self.clock = "wall"  # or "cpu": what unet/decode/encode return (both are measured)
 
-    def _time(self, fn) -> float:
+    def _time(self, fn) -> tuple[float, float]:
         fn()  # warm-up (kernel selection, oneDNN primitives)
-        best = math.inf
+        best, best_cpu = math.inf, math.inf
         for _ in range(self.repeats):
             _sync(self.device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             _sync(self.device)
-            best = min(best, time.perf_counter() - t0)
-        return best
+            best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+        return best, best_cpu
+
+    def _get(self, key) -> float:
+        return self.cache[key][0 if self.clock == "wall" else 1]
+
+    def both(self, denominators) -> dict:
+        """``denominators()`` -> (UNet seconds, VAE seconds), evaluated with wall and with CPU times."""
+        out = {}
+        for clock, names in (("wall", ("unet_seconds", "vae_seconds")), ("cpu", ("unet_cpu", "vae_cpu"))):
+            self.clock = clock
+            try:
+                out.update(zip(names, denominators()))
+            finally:
+                self.clock = "wall"
+        return {**out, "cpu_seconds": LAST_CPU[0]}
 
     def _batch(self, b: int) -> int:
         return max(1, min(b, self.max_batch)) if self.max_batch else max(1, b)
@@ -219,8 +239,9 @@ class Bare:
             tt = torch.full((b,), t, device=bb.device, dtype=torch.long)
             cond = bb.empty_prompt(b)
             kw = {"encoder_hidden_states": cond} if cond is not None else {}
-            self.cache[key] = self._time(lambda: bb.unet(x, tt, **kw)) / b
-        return self.cache[key]
+            w, c = self._time(lambda: bb.unet(x, tt, **kw))
+            self.cache[key] = (w / b, c / b)
+        return self._get(key)
 
     @torch.no_grad()
     def decode(self, bb: Backbone, batch: int) -> float:
@@ -231,8 +252,9 @@ class Bare:
         if key not in self.cache:
             r = bb.latent_resolution
             z = torch.randn(b, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
-            self.cache[key] = self._time(lambda: bb.vae.decode(z)) / b
-        return self.cache[key]
+            w, c = self._time(lambda: bb.vae.decode(z))
+            self.cache[key] = (w / b, c / b)
+        return self._get(key)
 
     @torch.no_grad()
     def encode(self, bb: Backbone) -> float:
@@ -242,7 +264,7 @@ class Bare:
         if key not in self.cache:
             x = torch.rand(1, 3, bb.resolution, bb.resolution, device=bb.device, dtype=bb.dtype) * 2 - 1
             self.cache[key] = self._time(lambda: bb.vae.encode(x))
-        return self.cache[key]
+        return self._get(key)
 
 
 @dataclass
@@ -254,10 +276,17 @@ class Point:
     peak: int
     must_hold: int
     unet_evals: float
-    unet_seconds: float          # evals x bare forward per element
+    unet_seconds: float = 0.0    # evals x bare forward per element
     vae_seconds: float = 0.0     # unavoidable VAE calls x bare VAE call per image
     note: str = ""
     seen: int = 0                # UNet batch elements actually run (forward pre-hook)
+    cpu_seconds: float = 0.0     # the same three in process CPU time (all threads)
+    unet_cpu: float = 0.0
+    vae_cpu: float = 0.0
+
+    @property
+    def ratio_cpu(self) -> float:
+        return self.cpu_seconds / self.unet_cpu if self.unet_cpu else float("nan")
 
     @property
     def ratio(self) -> float:
@@ -346,8 +375,9 @@ def bench_features(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> t
             lambda: extract_features(bb, imgs, ADM_BLOCKS, ADM_TIMESTEPS, batch_size=bs, progress=False),
             bb.device, profile=profile_all or i == 0, unet=bb.unet)
         evals = len(ADM_TIMESTEPS) * n
-        unit = bare.unet(bb, len(ADM_TIMESTEPS) * min(bs, n), t=ADM_TIMESTEPS[0])
-        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, evals * unit, seen=seen))
+        ub = len(ADM_TIMESTEPS) * min(bs, n)
+        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, seen=seen,
+                              **bare.both(lambda: (evals * bare.unet(bb, ub, t=ADM_TIMESTEPS[0]), 0.0))))
         if i == 0:
             m._prof = (prof, secs)
     dense = fm.channels * bb.resolution ** 2 * 4
@@ -413,11 +443,12 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
         k_eff = int(torch.unique(res.low_res[0]).numel())
         evals = res.min_unet_evals_per_image
         ts = res.extra["timesteps"]
-        unit = bare.unet(bb, min(chunk, 2 * k_eff))
-        vae = bare.encode(bb) + 2 * k_eff * bare.decode(bb, dec)
+
         r = bb.latent_resolution
         hold = 2 * k_eff * bb.latent_channels * r * r * bb.dtype.itemsize + K * bb.resolution ** 2 * 4
-        m.points.append(Point(K, secs, peak, hold, evals, evals * unit, vae,
+        m.points.append(Point(K, secs, peak, hold, evals, **bare.both(lambda: (
+                              evals * bare.unet(bb, min(chunk, 2 * k_eff)),
+                              bare.encode(bb) + 2 * k_eff * bare.decode(bb, dec))),
                               note=f"{k_eff} segments, {len(ts)} UNet steps per run {ts}; the t_m pass runs "
                                    "the shared prefix once (batch 1)", seen=seen))
         if i == 0:
@@ -447,8 +478,8 @@ def bench_daam(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Metho
             profile=profile_all or i == 0, unet=bb.unet)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
-        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
-                              seen=seen))
+        m.points.append(Point(n, secs, peak, hold, evals, seen=seen,
+                              **bare.both(lambda: (evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n)))))
         if i == 0:
             m._prof = (prof, secs)
     m.memory_note = "must hold = the running (N, tokens, 64, 64) float32 sum of heat maps"
@@ -475,8 +506,8 @@ def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
                                                           profile=profile_all or i == 0, unet=bb.unet)
         evals = 2 * n * steps
         hold = sum(f.numel() * f.element_size() for f in batch.features.values())
-        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
-                              seen=seen))
+        m.points.append(Point(n, secs, peak, hold, evals, seen=seen,
+                              **bare.both(lambda: (evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n)))))
         if i == 0:
             m._prof = (prof, secs)
     m.memory_note = (f"must hold = the grouped fp16 features ({mib(m.points[-1].must_hold / plan['gen_images'][-1])}"
@@ -521,8 +552,8 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
             bb.device, profile=profile_all or i == 0, unet=bb.unet)
         disk = sum(f.stat().st_size for f in out.glob("shard_*.pt"))
         evals = 2 * n * steps
-        m.points.append(Point(n, secs, peak, disk, evals, evals * bare.unet(bb, 2 * min(bs, n)),
-                              n * bare.decode(bb, min(bs, n)), note=f"{n / secs:.3f} samples/s, {mib(disk)} on disk",
+        m.points.append(Point(n, secs, peak, disk, evals, **bare.both(lambda: (
+                              evals * bare.unet(bb, 2 * min(bs, n)), n * bare.decode(bb, min(bs, n)))), note=f"{n / secs:.3f} samples/s, {mib(disk)} on disk",
                               seen=seen))
         if i == 0:
             m._prof = (prof, secs)
@@ -572,15 +603,16 @@ def plot(m: Method, path: Path) -> None:
 
 def table(methods: list[Method]) -> list[str]:
     out = ["| method | work | seconds | UNet evals (run) | bare UNet x evals (s) | ratio (goal <= 1.2) | ratio+vae | "
-           "peak mem | must hold | note |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "ratio, CPU time | peak mem | must hold | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         for p in m.points:
             r = f"{p.ratio:.2f}" if p.unet_seconds else "n/a"
             rv = f"{p.ratio_vae:.2f}" if p.vae_seconds else "n/a"
             flag = " **>1.2**" if p.unet_seconds and p.ratio > GOAL else ""
+            rc = f"{p.ratio_cpu:.2f}" if p.unet_cpu else "n/a"
             out.append(f"| {m.name} | {m.work_label} = {p.work:g} | {p.seconds:.2f} | {p.unet_evals:g} ({p.seen}) | "
-                       f"{p.unet_seconds:.2f} | {r}{flag} | {rv} | {mib(p.peak)} | {mib(p.must_hold)} | {p.note} |")
+                       f"{p.unet_seconds:.2f} | {r}{flag} | {rv} | {rc} | {mib(p.peak)} | {mib(p.must_hold)} | {p.note} |")
     return out
 
 
@@ -589,6 +621,7 @@ def report(methods: list[Method], env: dict, plan: dict, args, out_dir: Path) ->
              f"- machine: {env['machine']}", f"- torch {torch.__version__}, threads {torch.get_num_threads()}, "
              f"device {env['device']}, dtype {env['dtype']}{' (--quick: toy sizes, ratios not meaningful)' if args.quick else ''}",
              f"- backbones: {env['backbones']}",
+             f"- load average (1 min) at start / end: {env['load']}",
              f"- bare UNet forward per image: {env['bare']}",
              f"- reduced work on this run: {plan['reduced']}", "", *table(methods), "",
              "Growth exponents (least-squares slope of log cost against log work; time should be ~1 in images and "
@@ -683,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {"key": f"{device.type}-{str(dtype).replace('torch.', '')}{'-quick' if a.quick else ''}",
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "machine": f"{dev_name}; {os.cpu_count()} CPU(s) visible; {platform.platform()}",
-           "device": device.type, "dtype": str(dtype).replace("torch.", "")}
+           "device": device.type, "dtype": str(dtype).replace("torch.", ""), "load0": os.getloadavg()[0]}
     t_start = time.perf_counter()
     plan["deadline"] = t_start + budget if budget else None
     methods: list[Method] = []
@@ -719,6 +752,7 @@ def main(argv: list[str] | None = None) -> None:
         if sd.vae is not None:
             bare_txt.append(f"VAE decode {1e3 * bare.decode(sd, 1):.0f} ms, encode {1e3 * bare.encode(sd):.0f} ms")
     env["backbones"] = "; ".join(bbs)
+    env["load"] = f"{env['load0']:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     env["bare"] = ", ".join(bare_txt)
     for m in methods:
         prof = getattr(m, "_prof", None)
@@ -737,7 +771,8 @@ def main(argv: list[str] | None = None) -> None:
             {"name": m.name, "work": m.work_label, "time_exponent": m.exponent("seconds"),
              "memory_exponent": m.exponent("peak"), "points": [
                  {**{k: getattr(p, k) for k in ("work", "seconds", "peak", "must_hold", "unet_evals", "unet_seconds",
-                                                 "vae_seconds", "seen")}, "ratio": p.ratio} for p in m.points]}
+                                                 "vae_seconds", "seen", "cpu_seconds", "unet_cpu")}, "ratio": p.ratio,
+                 "ratio_cpu": p.ratio_cpu} for p in m.points]}
             for m in methods]}, indent=1))
 
 
