@@ -42,3 +42,25 @@ def test_an_uninformative_noise_level_fails(faces, place):
     trained = fewshot_probe(faces, world="faces", at=(place[0], 999), timesteps=(999,), seed=0).mlp
     gap = MEASURED["trained"] - MEASURED["noise_level_999"]
     assert trained <= MEASURED["trained"] - gap / 2, trained
+
+
+def test_gates_record_ends_at_the_shipped_step():
+    import json
+
+    from diffseg_utils.registry import TOY_FACES_DIR
+
+    shipped = json.loads((TOY_FACES_DIR / "training_state.json").read_text())["step"]
+    assert json.loads((TOY_FACES_DIR / "gates.json").read_text())["checkpoints"][-1]["step"] == shipped
+
+
+def test_shipped_faces_ddpm_loads_offline_and_samples():
+    import torch
+    from diffusers import DDPMPipeline
+
+    from diffseg_utils.registry import TOY_FACES_DIR
+
+    bb = load_backbone("toy-faces-ddpm", device="cpu")
+    assert bb.kind == "pixel" and bb.resolution == 64 and bb.dataset == "toy-faces"
+    img = DDPMPipeline.from_pretrained(TOY_FACES_DIR)(batch_size=1, num_inference_steps=2, output_type="np",
+                                                      generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3)
