@@ -725,6 +725,23 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
+    def flush(final: bool) -> str:
+        """Write results.md now (after every method, so an interrupted run keeps what it measured)."""
+        env["backbones"] = "; ".join(bbs)
+        env["load"] = f"{env['load0']:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        env["bare"] = ", ".join(bare_txt) or "see the table"
+        for m in methods:
+            prof = getattr(m, "_prof", None)
+            if prof is not None and not m.profile and any(p.unet_seconds and p.ratio > GOAL for p in m.points):
+                m.profile = where_time_goes(*prof, m.points[0].unet_seconds)
+            if final and len(m.points) > 1:
+                plot(m, a.out_dir / f"scaling_{m.name}_{device.type}.png")
+        section = report(methods, env, plan, a, a.out_dir)
+        state = "" if final else " (partial: the run was still going when this was written)"
+        section += f"\nWall time of this run{state}: {time.perf_counter() - t_start:.0f} s.\n"
+        write_results(section, env["key"], a.out_dir / "results.md")
+        return section
+
     if only & {"features", "ddpmseg"}:
         adm = build_adm(device, dtype, a.quick)
         bbs.append(f"{adm.name} UNet {n_params(adm.unet):.0f}M")
@@ -733,9 +750,11 @@ def main(argv: list[str] | None = None) -> None:
         methods.append(m)
         bare_txt.append(f"{adm.name} {1e3 * bare.unet(adm, 3 * min(plan['feature_batch'], 1)):.0f} ms")
         log(f"features done: ratios {[round(p.ratio, 2) for p in m.points]}")
+        flush(final=False)
         if "ddpmseg" in only:
             methods += bench_ddpmseg(fm, adm, plan)
             log("ddpmseg done")
+            flush(final=False)
         del adm, fm
     if only & {"emerdiff", "daam", "grounding", "synthesis"}:
         sd = build_sd(device, dtype, a.quick)
@@ -748,22 +767,12 @@ def main(argv: list[str] | None = None) -> None:
                 got = fn(sd, bare, plan, a.profile_all)
                 methods += got if isinstance(got, list) else [got]
                 log(f"{name} done")
+                flush(final=False)
         bare_txt.append(f"{sd.name} {1e3 * bare.unet(sd, 1):.0f} ms (batch 1)")
         if sd.vae is not None:
             bare_txt.append(f"VAE decode {1e3 * bare.decode(sd, 1):.0f} ms, encode {1e3 * bare.encode(sd):.0f} ms")
-    env["backbones"] = "; ".join(bbs)
-    env["load"] = f"{env['load0']:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
-    env["bare"] = ", ".join(bare_txt)
-    for m in methods:
-        prof = getattr(m, "_prof", None)
-        if prof is not None and any(p.unet_seconds and p.ratio > GOAL for p in m.points):
-            m.profile = where_time_goes(*prof, m.points[0].unet_seconds)
-        if len(m.points) > 1:
-            plot(m, a.out_dir / f"scaling_{m.name}_{device.type}.png")
-    section = report(methods, env, plan, a, a.out_dir)
-    section += f"\nTotal wall time of this run: {time.perf_counter() - t_start:.0f} s.\n"
+    section = flush(final=True)
     print(section)
-    write_results(section, env["key"], a.out_dir / "results.md")
     if a.json is not None:
         import json
 
