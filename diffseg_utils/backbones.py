@@ -180,9 +180,15 @@ class Backbone:
         return self._empty.expand(n, -1, -1)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
-        """Forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (scheduler's own schedule)."""
+        """Forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (scheduler's own schedule).
+
+        The coefficients are computed in float32 whatever ``x0``'s dtype (in bfloat16 ``abar_1 = 0.99915``
+        rounds to 1 and the noise would vanish); ``x_t`` comes back in ``x0``'s dtype.
+        """
         t = self.check_timesteps(t, x0.shape[0])
-        return self.scheduler.add_noise(x0, noise.to(x0), t)
+        if x0.dtype in (torch.float32,):
+            return self.scheduler.add_noise(x0, noise.to(x0), t)
+        return self.scheduler.add_noise(x0.float(), noise.float(), t).to(x0.dtype)
 
     def check_timesteps(self, t: torch.Tensor | int | list[int], n: int) -> torch.Tensor:
         """A (n,) long tensor of timesteps on the backbone's device, checked against the scheduler's range.

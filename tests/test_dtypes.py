@@ -209,13 +209,11 @@ def _inertia(x: torch.Tensor, labels: torch.Tensor) -> float:
     return float(sum(((x[labels == k] - x[labels == k].mean(0)) ** 2).sum() for k in labels.unique()))
 
 
-ADD_NOISE_FIX = ("Backbone.add_noise calls scheduler.add_noise, which casts alphas_cumprod to the sample dtype "
-                 "before taking sqrt(1 - abar): in bfloat16 abar_1 = 0.99915 rounds to 1.0 and the noise term "
-                 "vanishes (EmerDiff's t_f = 1). Fix in backbones.py: compute the two "
-                 "coefficients in float32 and cast x_t back to x0's dtype.")
+# Backbone.add_noise computes its coefficients in float32: in bfloat16 abar_1 = 0.99915 rounds to 1 and the
+# noise at t = 1 (EmerDiff's t_f) would vanish; these tests failed before that fix.
 
 
-@pytest.mark.parametrize("t", [pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=ADD_NOISE_FIX)), 50, 281])
+@pytest.mark.parametrize("t", [1, 50, 281])
 def test_add_noise_bf16_keeps_the_noise(sd, t):
     bb16, bb32 = sd[torch.bfloat16], sd[torch.float32]
     g = torch.Generator().manual_seed(0)
@@ -228,7 +226,6 @@ def test_add_noise_bf16_keeps_the_noise(sd, t):
     assert _rel(got, ref) < 0.02
 
 
-@pytest.mark.xfail(strict=True, reason="k-means at t_f = 1 sees noise-free queries in bf16: " + ADD_NOISE_FIX)
 def test_emerdiff_bf16(sd):
     from diffseg_utils.attention import ControlledAttnProcessor
     from diffseg_utils.hooks import AttentionProcessors
