@@ -107,18 +107,24 @@ def check_expected(notebook: str, run: str, values: dict[str, float], *, params:
     """
     f = Path(path or EXPECTED_FILE)
     norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
-    data = json.loads(f.read_text()) if f.exists() else {}
-    entries = data.get(notebook, {}).get(run, [])
-    match = next((e for e in entries if params is None or norm(e.get("params")) == norm(params)), None)
     if os.environ.get("DIFFSEG_RECORD_EXPECTED") == "1":
+        import fcntl
+
         new = {"params": norm(params), "values": {k: {"value": float(v), "tol": tol, "why": why}
                                                   for k, v in values.items()}}
-        entries = [e for e in entries if e is not match] + [new]
-        data.setdefault(notebook, {})[run] = entries
-        f.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        with open(f.with_suffix(".lock"), "w") as lock:  # several notebooks may record at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(f.read_text()) if f.exists() else {}
+            entries = data.get(notebook, {}).get(run, [])
+            entries = [e for e in entries if params is not None and norm(e.get("params")) != norm(params)] + [new]
+            data.setdefault(notebook, {})[run] = entries
+            f.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         for k in values:  # what the check prints on a rerun that reproduces these numbers
             print(f"{k}: ok")
         return {k: True for k in values}
+    data = json.loads(f.read_text()) if f.exists() else {}
+    entries = data.get(notebook, {}).get(run, [])
+    match = next((e for e in entries if params is None or norm(e.get("params")) == norm(params)), None)
     if match is None:
         print(f"no expected numbers committed for {notebook} on run {run!r} with these parameters; nothing to check")
         return {}
