@@ -181,9 +181,10 @@ def test_shipped_grounding_module_loads_with_weights_only(toy):
 
 # ------------------------------------------------------------------ the shipped module: known answers
 # Two-object generations "U and a S" (U unseen, S seen) of the toy, 20 DDIM steps, fixed seeds, one
-# thread (deterministic). Measured with the shipped module (data/grounding, trained with the template
-# "a photograph of a {}"): see MEASURED. Re-measure (the test prints the numbers) after retraining.
-MEASURED = {"right": 0.477, "wrong": 0.153, "query_overlap": 0.205}  # 16 images, seeds 600..615
+# thread (deterministic). Measured with the shipped module (data/grounding, trained with the toy's template
+# "a photo of a {}"; the earlier module trained with "a photograph of a {}" gave 0.477 / 0.153 / 0.205).
+# Re-measure (the test prints the numbers) after retraining.
+MEASURED = {"right": 0.425, "wrong": 0.207, "query_overlap": 0.257}  # 16 images, seeds 600..615
 
 
 @pytest.fixture(scope="module")

@@ -83,14 +83,18 @@ def test_emerdiff_beats_bilinear_upsampling_of_its_own_segments(toy):
 
 
 def test_grounding_module_beats_cross_attention_on_seen_classes(toy):
+    """Protocol I on 24 generations (the shipped module, the backbone's template, the toy's segmenter as truth):
+    the trained module must beat the class word's cross-attention mask by half the measured gap. A module
+    that ignored its features, or queries in a template it was not trained with, falls below that."""
+    from diffseg_utils.grounding.defaults import resolve_defaults
     from diffseg_utils.grounding.module import GroundingModule
     from diffseg_utils.grounding.protocols import evaluate_on_generations
-    from diffseg_utils.registry import DATA_DIR
-    from diffseg_utils.toy.oracle import OracleSegmenter
 
-    gm = GroundingModule.load(DATA_DIR / "grounding" / "grounding.pt")
-    res = evaluate_on_generations(toy, gm, OracleSegmenter.load(DATA_DIR / "oracle"), world.CATEGORIES,
-                                  world.SEEN_CATEGORIES, num_images=24, seed=10_000, num_steps=20, progress=False)
+    defaults = resolve_defaults(None, toy)
+    gm = GroundingModule.load(defaults.CHECKPOINT, device=toy)
+    res = evaluate_on_generations(toy, gm, defaults.segmenter(toy.device), defaults.CLASS_SETS["all"],
+                                  defaults.CLASS_SETS["seen"], num_images=24, seed=10_000, num_steps=20,
+                                  progress=False)
     tab = res.table()
     print(tab)
     assert tab["grounding"]["seen"] >= tab["daam"]["seen"] + MARGIN_GROUNDING
@@ -108,7 +112,8 @@ def test_shipped_grounding_module_matches_the_shipped_toy_model():
 
 # measured on the step-13400 toy model (these samples): probe 0.202 vs untrained 0.075 vs RGB 0.043;
 # ensemble 0.200 vs untrained 0.079 vs RGB 0.079; EmerDiff 0.506 vs bilinear 0.447;
-# grounding seen 0.503 vs cross-attention 0.015
+# grounding seen 0.562 vs cross-attention 0.016 (module retrained with the toy's template "a photo of a {}";
+# with "a photograph of a {}" it was 0.503 vs 0.015); margin: half that gap, rounded up
 MARGIN_RGB, MARGIN_UNTRAINED = 0.05, 0.05
 MARGIN_EMERDIFF = 0.03
-MARGIN_GROUNDING = 0.2
+MARGIN_GROUNDING = 0.28
