@@ -7,7 +7,7 @@
 >>> logits = gm(batch.features, q[None])                      # (1, 2, 64, 64)
 >>> loss = bce_loss(logits, target_masks, valid)              # classes the labeller missed: valid=False
 
-Parts (Li et al., ICCV 2023; see METHODS.md §3):
+Parts (Li et al., ICCV 2023; departures from the paper in docs/methods.md):
 
 * visual encoder: per resolution group a 1x1 conv, then progressive fusion from the lowest
   resolution upward (upsample, concatenate, residual "mix" block) -> per-pixel embeddings of
