@@ -25,6 +25,7 @@ from .datasets import (DDPMSEG_DATASETS, DatasetConfig, FewShotData, Sample, Seg
 from .ddpmseg import FewShotSegmenter, SegmentationResult, fewshot_miou
 from .emerdiff import emerdiff_segment
 from .features import FeatureMaps, extract_features
+from .grounding.ground import GroundingResult, ground
 from .inputs import Geometry, ImageLike, geometry_of, prepare_images, prepare_labels, restore_labels
 from .metrics import ddpmseg_miou, hungarian_miou, mean_iou
 from .probes import ProbeTable, probe_features, probe_grid, rgb_features
@@ -33,10 +34,10 @@ from .selection import PlaceChoice, choose_places, decoder_blocks
 
 __all__ = [
     "Backbone", "BlockInfo", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
-    "Geometry", "ImageLike", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
+    "Geometry", "GroundingResult", "ImageLike", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
     "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
     "choose_places", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",
-    "fewshot_miou", "fewshot_splits", "geometry_of", "hungarian_miou", "list_backbones", "list_datasets",
+    "fewshot_miou", "fewshot_splits", "geometry_of", "ground", "hungarian_miou", "list_backbones", "list_datasets",
     "load_backbone", "load_dataset", "mean_iou", "prepare_images", "prepare_labels", "probe_features", "probe_grid",
     "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",
 ]
