@@ -12,14 +12,17 @@ Prints, in one run:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffseg_utils.backbones import Backbone
 from diffseg_utils.features import extract_features, make_noise
-from diffseg_utils.topologies import ddpm256_unet_config, ddpm_scheduler_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # topologies live with the test fixtures
+from topologies import ddpm256_unet_config, ddpm_scheduler_config  # noqa: E402
 
 BLOCKS, TIMESTEPS = [5, 6, 7, 8, 12], [50, 150, 250]
 

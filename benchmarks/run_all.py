@@ -53,9 +53,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the real checkpoints' topologies live with the test fixtures
 
 from diffseg_utils.backbones import Backbone  # noqa: E402
-from diffseg_utils.topologies import sd15_text_config, sd15_unet_config, sd15_vae_config  # noqa: E402
+from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config  # noqa: E402
 
 GOAL = 1.2
 ADM_BLOCKS, ADM_TIMESTEPS = [5, 6, 7, 8, 12], [50, 150, 250]

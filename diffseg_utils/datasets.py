@@ -169,15 +169,19 @@ _PROCEDURAL_SPLITS = {"train": ("fewshot_train", 0), "test": ("fewshot_test", 0)
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A named dataset: ``kind`` is "procedural" (rendered) or "ddpm-seg" (a local folder in the release layout)."""
+    """A named dataset: ``kind`` is "procedural" (rendered) or "ddpm-seg" (a local folder in the release layout);
+    a procedural one names the module (``provider``) whose ``renderer(key, size, max_objects)`` draws it."""
 
     kind: str
     description: str
+    provider: str | None = None
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "toy-shapes": DatasetEntry("procedural", "the toy shapes world: 10 shape classes + background, 64 px"),
-    "toy-faces": DatasetEntry("procedural", "the toy faces world: 10 face parts + background, 64 px"),
+    "toy-shapes": DatasetEntry("procedural", "the toy shapes world: 10 shape classes + background, 64 px",
+                               "diffseg_utils.toy.procedural"),
+    "toy-faces": DatasetEntry("procedural", "the toy faces world: 10 face parts + background, 64 px",
+                              "diffseg_utils.toy.procedural"),
     **{k: DatasetEntry("ddpm-seg", f"DDPM-Seg's {k} ({c.num_classes} classes, ignore label {c.ignore_index}, "
                                    f"{c.train_images} train / {c.test_images} test images)")
        for k, c in DDPMSEG_DATASETS.items()},
@@ -607,36 +611,23 @@ def load_dataset(name_or_path: str | os.PathLike | Sequence[str | os.PathLike], 
 
 def _procedural(key: str, split: str | None, size: int | None, num_images: int | None,
                 max_objects: int | None) -> ProceduralDataset:
-    from .toy import world
+    import importlib
 
+    render, names, world_splits, size = importlib.import_module(DATASETS[key].provider).renderer(key, size, max_objects)
     split = split or "train"
     if split in _PROCEDURAL_SPLITS:
         world_split, start = _PROCEDURAL_SPLITS[split]
-    elif split in world.SPLITS:
+    elif split in world_splits:
         world_split, start = split, 0
     else:
         raise ValueError(f"unknown split {split!r} for {key}; valid: {sorted(_PROCEDURAL_SPLITS)} or a world split "
-                         f"{sorted(world.SPLITS)}")
+                         f"{sorted(world_splits)}")
     n = PROCEDURAL_SPLIT_SIZE if num_images is None else int(num_images)
     if n < 0:
         raise ValueError(f"num_images must be >= 0, got {n}")
     if world_split == "fewshot_test" and start == 0 and n > VALIDATION_START:
         raise ValueError(f"the test split holds at most {VALIDATION_START} images (fewshot_test from "
                          f"{VALIDATION_START} on is the validation split); got num_images={n}")
-    size = world.IMAGE_SIZE if size is None else int(size)
-    if key == "toy-shapes":
-        kw = {} if max_objects is None else {"max_objects": int(max_objects)}
-        if kw and not 1 <= kw["max_objects"] <= 3:
-            raise ValueError(f"max_objects must be 1..3, got {max_objects}")
-        render = lambda s, a, c: world.render(s, a, c, size=size, **kw)  # noqa: E731
-        names = ("background",) + world.CATEGORIES
-    else:
-        if max_objects is not None:
-            raise ValueError("max_objects is a toy-shapes option (a face image holds one face)")
-        from .toy import faces
-
-        render = lambda s, a, c: faces.render_faces(s, a, c, size=size)  # noqa: E731
-        names = ("background",) + faces.PARTS
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     return ProceduralDataset(key, split, render, world_split, start, n, names, size)

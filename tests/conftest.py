@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffseg_utils import load_backbone
-from diffseg_utils.topologies import write_ddpm_like, write_sd_like
+from topologies import write_ddpm_like, write_sd_like
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 # tests (and the notebook kernels nbval starts, which inherit this environment) never read or write the
@@ -56,7 +56,7 @@ def sd15_full():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffseg_utils.backbones import Backbone
-    from diffseg_utils.topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
+    from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
     from diffseg_utils.toy.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def ddpm256_full():
     from diffusers import DDPMScheduler, UNet2DModel
 
     from diffseg_utils.backbones import Backbone
-    from diffseg_utils.topologies import ddpm256_unet_config, ddpm_scheduler_config
+    from topologies import ddpm256_unet_config, ddpm_scheduler_config
 
     torch.manual_seed(0)
     return Backbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()),

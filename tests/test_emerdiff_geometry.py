@@ -23,7 +23,7 @@ def sd128(tmp_path_factory):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffseg_utils.topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
+    from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
     from diffseg_utils.toy.tokenizer import build_tokenizer
 
     path = tmp_path_factory.mktemp("sd128")

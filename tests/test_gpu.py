@@ -147,7 +147,7 @@ def sd15():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffseg_utils.backbones import Backbone
-    from diffseg_utils.topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
+    from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
     from diffseg_utils.toy.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def ddpm256():
     from diffusers import DDPMScheduler, UNet2DModel
 
     from diffseg_utils.backbones import Backbone
-    from diffseg_utils.topologies import ddpm256_unet_config, ddpm_scheduler_config
+    from topologies import ddpm256_unet_config, ddpm_scheduler_config
 
     torch.manual_seed(0)
     return _place(Backbone(unet=UNet2DModel(**ddpm256_unet_config(TINY)), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
@@ -180,7 +180,7 @@ def adm256():
 
     from diffseg_utils.adm import adm_config, adm_scheduler
     from diffseg_utils.backbones import Backbone
-    from diffseg_utils.topologies import ddpm256_unet_config
+    from topologies import ddpm256_unet_config
 
     torch.manual_seed(0)
     cfg = ddpm256_unet_config(tiny=True) if TINY else adm_config("ddpm-seg", eps_only=True)

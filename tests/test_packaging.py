@@ -32,3 +32,14 @@ def test_ci_runs_the_readme_test_command():
     m = re.search(r"pip install [^\n]*&& (python -m pytest[^\n`]*)", readme)
     assert m, "README must show the test command"
     assert m.group(1).strip() in ci
+
+
+def test_general_modules_never_import_the_toy_worlds():
+    """A user's backbone or data must not depend on toy/: only toy/ itself imports it (the registries name
+    toy modules as strings, resolved when a toy entry is used)."""
+    pkg = ROOT / "diffseg_utils"
+    pattern = re.compile(r"^\s*(from\s+(\.|\.\.|diffseg_utils\.)toy\b|import\s+diffseg_utils\.toy\b|from\s+\.\s+import\s+toy\b)",
+                         re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in pkg.rglob("*.py")
+                 if "toy" not in p.relative_to(pkg).parts[:1] and pattern.search(p.read_text())]
+    assert not offenders, offenders

@@ -66,7 +66,7 @@ def write_sd_like(path: str | Path, tiny: bool = True, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .toy.tokenizer import build_tokenizer
+    from diffseg_utils.toy.tokenizer import build_tokenizer
 
     path = Path(path)
     torch.manual_seed(seed)
