@@ -27,6 +27,20 @@ MAIN_PARTS: tuple[str, ...] = ("skin", "left eye", "right eye", "nose", "mouth")
 """The parts every plausible face sample must show."""
 
 
+def open_record(path: Path, protocol: dict) -> dict:
+    """The gates record at ``path``; started over when it was measured with another ``protocol``."""
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    return rec if rec.get("protocol") == protocol else {"protocol": protocol, "checkpoints": []}
+
+
+def unmeasured_checkpoints(work: Path, prefix: str, rec: dict) -> dict[int, Path]:
+    """step -> file of every ``<prefix>_<step>.pt`` / ``<prefix>.pt`` in ``work`` not yet in ``rec``, by step."""
+    done = {r["step"] for r in rec["checkpoints"]}
+    files = [*work.glob(f"{prefix}_*.pt"), work / f"{prefix}.pt"]
+    steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c for c in files if c.exists()}
+    return {k: steps[k] for k in sorted(set(steps) - done)}
+
+
 def pixel_backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Backbone:
     """``backbone`` (a pixel DDPM) with the EMA UNet weights of a ``ddpm*.pt`` training checkpoint."""
     st = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -72,9 +86,7 @@ def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int 
     protocol = {"n_probe": n_probe, "n_samples": n_samples, "seed": seed, "timesteps": list(timesteps),
                 "place": "best ridge probe on validation images", "main_parts": list(MAIN_PARTS)}
     path = out / "gates.json"
-    rec = json.loads(path.read_text()) if path.exists() else {}
-    if rec.get("protocol") != protocol:
-        rec = {"protocol": protocol, "checkpoints": []}
+    rec = open_record(path, protocol)
     base = load_backbone(str(out), device="cpu")
     oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle-faces")
     probe_kw = dict(n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed, world="faces", timesteps=timesteps)
@@ -84,12 +96,9 @@ def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int 
         rec["rgb"] = fewshot_probe_rgb(**rgb_kw).as_dict()
         rec["rgbxy"] = fewshot_probe_rgb(**rgb_kw, position=True).as_dict()
         path.write_text(json.dumps(rec, indent=1))
-    done = {r["step"] for r in rec["checkpoints"]}
-    steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c
-             for c in [*work.glob("ddpm_*.pt"), work / "ddpm.pt"] if c.exists()}
-    for step in tqdm(sorted(set(steps) - done), desc="gate"):
+    for step, ckpt in tqdm(unmeasured_checkpoints(work, "ddpm", rec).items(), desc="gate"):
         t0 = time.time()
-        bb = pixel_backbone_from_checkpoint(base, steps[step])
+        bb = pixel_backbone_from_checkpoint(base, ckpt)
         plaus = sample_plausibility(bb, oracle, n=n_samples, seed=seed)
         probe = fewshot_probe(bb, **probe_kw).as_dict()
         rec["checkpoints"].append({"step": step, **{f"samples_{k}": v for k, v in plaus.items()},

@@ -335,26 +335,22 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
     from ..backbones import load_backbone, untrained_like
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
+    from .gates import open_record, unmeasured_checkpoints
     from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb, prompt_fidelity
 
     protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance, "seed": seed,
                 "place": "best ridge probe on validation images"}
     path = out / "gates.json"
-    rec = json.loads(path.read_text()) if path.exists() else {}
-    if rec.get("protocol") != protocol:
-        rec = {"protocol": protocol, "checkpoints": []}
+    rec = open_record(path, protocol)
     base = load_backbone(str(out), device="cpu")
     oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle")
     if "untrained" not in rec:
         rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), n_train=n_probe, n_test=n_probe, n_val=n_probe,
                                           seed=seed).as_dict()
         rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
-    done = {r["step"] for r in rec["checkpoints"]}
-    steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c
-             for c in [*work.glob("unet_*.pt"), work / "unet.pt"] if c.exists()}
-    for step in tqdm(sorted(set(steps) - done), desc="gate"):
+    for step, ckpt in tqdm(unmeasured_checkpoints(work, "unet", rec).items(), desc="gate"):
         t0 = time.time()
-        bb = backbone_from_checkpoint(base, steps[step])
+        bb = backbone_from_checkpoint(base, ckpt)
         fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance=guidance, num_steps=num_steps, seed=seed)
         probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed).as_dict()
         rec["checkpoints"].append({"step": step, "fidelity_all_found": fid["all_found"],
