@@ -130,7 +130,9 @@ def check_expected(notebook: str, run: str, values: dict[str, float], *, params:
         return {}
     table = match["values"]
     ok, bad = {}, []
-    for name, exp in table.items():
+    # the computed dict's order first (what record mode printed), then names this run did not compute
+    for name in [k for k in values if k in table] + [k for k in table if k not in values]:
+        exp = table[name]
         if name not in values:
             bad.append(f"{name}: not computed in this run")
             ok[name] = False

@@ -1,4 +1,5 @@
 """The notebooks adapt: one parameter cell holds every choice; numbers are checked, not just shown."""
+import ast
 import json
 import re
 from pathlib import Path
@@ -59,6 +60,8 @@ def test_notebook_ends_with_a_self_check(path):
     assert last.startswith("# NBVAL_CHECK_OUTPUT") and "check_expected(" in last
     outputs = "".join("".join(o.get("text", "")) for o in _code_cells(path)[-1].get("outputs", []))
     assert ": ok" in outputs, f"{path.name}: the committed self-check output shows no checked number"
+    # a bare expression as the last statement would add an execute_result nbval compares too
+    assert not isinstance(ast.parse(last).body[-1], ast.Expr), f"{path.name}: assign the self-check's result"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -75,11 +78,13 @@ def test_check_expected_records_checks_and_refuses(tmp_path, monkeypatch, capsys
     f = tmp_path / "expected.json"
     params = {"N": 20}
     monkeypatch.setenv("DIFFSEG_RECORD_EXPECTED", "1")
-    check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, tol=0.01, why="seeded", path=f)
-    assert capsys.readouterr().out.splitlines() == ["a: ok", "b: ok"]  # as a rerun prints it
+    # keys deliberately not in sorted order: the file is written sorted, the lines follow the computation
+    check_expected("nb", "toy", {"b": 0.25, "a": 0.5}, params=params, tol=0.01, why="seeded", path=f)
+    recorded = capsys.readouterr().out.splitlines()
+    assert recorded == ["b: ok", "a: ok"]
     monkeypatch.delenv("DIFFSEG_RECORD_EXPECTED")
-    assert check_expected("nb", "toy", {"a": 0.505, "b": 0.25}, params=params, path=f) == {"a": True, "b": True}
-    assert capsys.readouterr().out.splitlines()[-2:] == ["a: ok", "b: ok"]
+    assert check_expected("nb", "toy", {"b": 0.25, "a": 0.505}, params=params, path=f) == {"a": True, "b": True}
+    assert capsys.readouterr().out.splitlines() == recorded  # a rerun prints what nbval compares with
     with pytest.raises(AssertionError, match="a: 0.5200 differs"):
         check_expected("nb", "toy", {"a": 0.52, "b": 0.25}, params=params, path=f)
     with pytest.raises(AssertionError, match="b: not computed"):
