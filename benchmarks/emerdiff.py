@@ -63,7 +63,7 @@ def decode_memory_report(bb, img, segments: int, steps: int) -> None:
         kw = {} if b is None else {"decode_batch_size": b}
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        emerdiff_segment(bb, img, segments, num_inference_steps=steps, progress=False, **kw)
+        emerdiff_segment(bb, img, segments, num_steps=steps, progress=False, **kw)
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20
     print("peak CUDA memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
 
@@ -77,7 +77,7 @@ def main() -> None:
     a = ap.parse_args()
     bb = load_backbone(a.backbone, device=a.device)
     img = render("eval", 0, 1).images
-    kw = dict(num_inference_steps=a.steps, return_images=True, progress=False)
+    kw = dict(num_steps=a.steps, return_images=True, progress=False)
     emerdiff_segment(bb, img, a.segments, **kw)  # warm-up
     t0 = time.perf_counter()
     res = emerdiff_segment(bb, img, a.segments, **kw)

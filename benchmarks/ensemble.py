@@ -129,7 +129,7 @@ def reference_fit(fm: FeatureMaps, labels: torch.Tensor, cfg: EnsembleConfig, lo
                 out = net(xb)
                 loss = F.cross_entropy(out, yb)
                 if loop == "ddpmseg":  # multi_acc, logged by DDPM-Seg every step
-                    acc = (out.log_softmax(1).argmax(1) == yb).float().sum() / len(yb) * 100
+                    acc = (out.log_softmax(1).argmax(1) == yb).float().sum() / len(yb) * 100  # noqa: F841 (cost, not value)
                 loss.backward(); opt.step()
                 steps += 1
                 if epoch >= cfg.min_epochs:

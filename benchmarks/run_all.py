@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
-import io
 import math
 import os
 import platform
@@ -425,7 +424,7 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
 
     steps = plan["emerdiff_steps"]
     chunk, dec = 16, 8
-    m = Method("emerdiff", "K", f"{bb.name} {bb.resolution}px, 1 image, t_m = 281, num_inference_steps={steps}"
+    m = Method("emerdiff", "K", f"{bb.name} {bb.resolution}px, 1 image, t_m = 281, num_steps={steps}"
                                 f" (DDIM steps below t_m: see evals), chunk_size {chunk}, decode_batch_size {dec}")
     img = torch.rand(1, 3, bb.resolution, bb.resolution)
     deadline = plan.get("deadline")
@@ -438,7 +437,7 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
                                f"(--budget); run it alone with --only emerdiff")
                 continue
         secs, peak, res, prof, seen = run_measured(
-            lambda: emerdiff_segment(bb, img, K, num_inference_steps=steps, chunk_size=chunk,
+            lambda: emerdiff_segment(bb, img, K, num_steps=steps, chunk_size=chunk,
                                      decode_batch_size=dec, progress=False), bb.device,
             profile=profile_all or i == 0, unet=bb.unet)
         k_eff = int(torch.unique(res.low_res[0]).numel())
@@ -475,7 +474,7 @@ def bench_daam(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Metho
     for i, n in enumerate(plan["gen_images"]):
         prompts, words = _prompts(n)
         secs, peak, _, prof, seen = run_measured(
-            lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance=7.5), bb.device,
+            lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance_scale=7.5), bb.device,
             profile=profile_all or i == 0, unet=bb.unet)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
@@ -497,7 +496,7 @@ def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
                                       f"guidance 5) + GroundingModule.predict ({n_params(gm):.1f}M params, fp32)")
 
     def run(prompts, words):
-        batch = generate_with_features(bb, prompts, num_steps=steps, guidance=5.0)
+        batch = generate_with_features(bb, prompts, num_steps=steps, guidance_scale=5.0)
         q = class_embeddings(bb, words)[:, None]          # one query per image
         return batch, gm.predict(batch.features, q)
 
@@ -549,7 +548,7 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
         out = root / f"n{n}"
         secs, peak, _, prof, seen = run_measured(
             lambda: synthesize(bb, labeler, out, num_samples=n, class_names=names, shard_size=max(bs, n),
-                               num_steps=steps, guidance=5.0, batch_size=bs, progress=False),
+                               num_steps=steps, guidance_scale=5.0, batch_size=bs, progress=False),
             bb.device, profile=profile_all or i == 0, unet=bb.unet)
         disk = sum(f.stat().st_size for f in out.glob("shard_*.pt"))
         evals = 2 * n * steps
@@ -678,7 +677,7 @@ PLANS = {
     "cpu": dict(feature_images=[1, 2, 4], feature_batch=1, ensemble_steps=100, predict_images=[1, 2], emerdiff_K=[10, 40],
                 emerdiff_steps=1, gen_images=[1, 2], gen_steps=2, synth_samples=[2, 4], synth_batch=2, train_steps=5,
                 repeats=1, max_bare_batch=4,
-                reduced="EmerDiff num_inference_steps=1 (2 UNet steps per modulated run: t_m = 281 and 1; the paper "
+                reduced="EmerDiff num_steps=1 (2 UNet steps per modulated run: t_m = 281 and 1; the paper "
                         "denoises 50-step DDIM from t_m, ~16 steps); generation 2 DDIM steps (paper 50); the ensemble "
                         "100 batches (paper: to early stopping); bare forwards timed at batch <= 4 (per-image cost "
                         "is flat in the batch on a CPU)"),

@@ -17,8 +17,7 @@
 * metrics: :func:`mean_iou`, :func:`ddpmseg_miou`, :func:`hungarian_miou`.
 """
 from .attention_maps import daam_segment
-from .backbones import (Backbone, BlockInfo, WeightsNotAvailableError, adm_blocks, adm_output_block,
-                        load_backbone, untrained_like)
+from .backbones import Backbone, BlockInfo, adm_blocks, adm_output_block
 from .baselines import baseline_features, rgbxy_features
 from .datasets import (DDPMSEG_DATASETS, DatasetConfig, FewShotData, Sample, SegmentationDataset, SegmentationSplit,
                        fewshot_splits, list_datasets, load_dataset)
@@ -27,6 +26,7 @@ from .emerdiff import emerdiff_segment
 from .features import FeatureMaps, extract_features
 from .grounding.ground import GroundingResult, ground
 from .inputs import Geometry, ImageLike, geometry_of, prepare_images, prepare_labels, restore_labels
+from .loading import WeightsNotAvailableError, load_backbone, untrained_like
 from .metrics import ddpmseg_miou, hungarian_miou, mean_iou
 from .probes import ProbeTable, probe_features, probe_grid, rgb_features
 from .registry import list_backbones

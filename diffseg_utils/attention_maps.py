@@ -8,7 +8,7 @@ sum (over steps) averaged over layers, resized to the image, min-max normalised 
 thresholded (0.4) for a mask.
 
 >>> with CrossAttentionMaps(bb) as cam:                      # doctest: +SKIP
-...     images = generate(bb, prompts, num_steps=50, guidance=7.5)
+...     images = generate(bb, prompts, num_steps=50, guidance_scale=7.5)
 >>> cam.heatmaps(prompts, [["dog"], ["cat"]])                # (N, 1, R, R) in [0, 1]
 >>> daam_segment(bb, prompts, ["dog", "cat"]).masks          # generate + maps in one call
 
@@ -36,6 +36,7 @@ from .backbones import Backbone
 from .hooks import AttentionProcessors
 from .sampling import generate
 from .text import token_span
+from .inputs import renamed_arguments
 
 __all__ = ["CrossAttentionMaps", "DAAMResult", "MapAccumulator", "daam_segment"]
 
@@ -83,8 +84,8 @@ class MapAccumulator:
         p = probs.reshape(b, heads, q, k)
         if self.cond_rows == "second_half":
             if b % 2:
-                raise RuntimeError(f"guidance=True expects a [uncond; cond] UNet batch of even size, got {b}; "
-                                   "use guidance=False when the UNet batch holds only conditional rows")
+                raise RuntimeError(f"cfg_batch=True expects a [uncond; cond] UNet batch of even size, got {b}; "
+                                   "use cfg_batch=False when the UNet batch holds only conditional rows")
             p = p[b // 2:]
         m = p.float().mean(1)                                            # (n, h*w, K): mean over heads
         m = m.transpose(1, 2).reshape(m.shape[0], k, *grid)              # (n, K, h, w)
@@ -130,9 +131,9 @@ class _CapturingProcessor(ControlledAttnProcessor):
 class CrossAttentionMaps:
     """Accumulate DAAM heat maps over every UNet call made inside the ``with`` block.
 
-    guidance:       True (or a scale != 1) when the UNet batch is ``[uncond; cond]``, as
-                    :func:`generate` makes it with classifier-free guidance: only the second half
-                    is used. False (or 1.0) when every row is conditional.
+    cfg_batch:      True when the UNet batch is ``[uncond; cond]``, as :func:`generate` makes it
+                    with classifier-free guidance (``guidance_scale != 1``): only the second half is
+                    used. False when every row is conditional (``guidance_scale == 1``).
     min_resolution: cross-attention layers whose token grid side is below this are skipped.
                     Default ``latent_resolution // 4``: SD 1.x at 512² keeps 64/32/16 and skips the
                     8x8 mid block (DAAM's rule); the toy model (16² latents) keeps 16/8/4.
@@ -145,13 +146,16 @@ class CrossAttentionMaps:
     the same sum; :meth:`reset` clears it.
     """
 
-    def __init__(self, backbone: Backbone, guidance: bool | float = True, min_resolution: int | None = None,
+    def __init__(self, backbone: Backbone, cfg_batch: bool = True, min_resolution: int | None = None,
                  *, resolution: int | None = None, steps: Iterable[int] | None = None):
         if not backbone.is_conditional:
             raise ValueError(f"{backbone.name or 'this backbone'} is unconditional (no text encoder, no "
                              "cross-attention): DAAM heat maps need a text-conditioned UNet such as Stable Diffusion")
         self.backbone = backbone
-        use_cfg = guidance if isinstance(guidance, bool) else float(guidance) != 1.0
+        if not isinstance(cfg_batch, bool):
+            raise TypeError(f"cfg_batch must be True or False (whether the UNet batch is [uncond; cond]), got "
+                            f"{cfg_batch!r}; for a guidance scale g pass cfg_batch=(g != 1)")
+        use_cfg = cfg_batch
         self.min_resolution = max(1, backbone.latent_resolution // 4) if min_resolution is None else int(min_resolution)
         cross = [a for a in attention_layers(backbone) if a.cross]
         if not cross:
@@ -258,8 +262,9 @@ class DAAMResult:
     masks: torch.Tensor     # (N, W, R, R) bool
 
 
+@renamed_arguments("guidance")
 def daam_segment(backbone: Backbone, prompts: Sequence[str], words: Sequence[str] | Sequence[Sequence[str]], *,
-                 num_steps: int = 50, guidance: float = 7.5, seed: int | Sequence[int] = 0,
+                 num_steps: int = 50, guidance_scale: float = 7.5, seed: int | Sequence[int] = 0,
                  threshold: float = 0.4, min_resolution: int | None = None) -> DAAMResult:
     """Generate one image per prompt (DDIM) and segment ``words`` in it with DAAM.
 
@@ -267,7 +272,7 @@ def daam_segment(backbone: Backbone, prompts: Sequence[str], words: Sequence[str
            (``[["dog", "ball"], ["cat", "sofa"]]``, the same count for each).
     """
     prompts = list(prompts)
-    with CrossAttentionMaps(backbone, guidance=guidance, min_resolution=min_resolution) as cam:
-        images = generate(backbone, prompts, num_steps=num_steps, guidance=guidance, seed=seed)
+    with CrossAttentionMaps(backbone, cfg_batch=guidance_scale != 1.0, min_resolution=min_resolution) as cam:
+        images = generate(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed)
     heat = cam.heatmaps(prompts, words, image_size=tuple(images.shape[-2:]))
     return DAAMResult(images=images, heatmaps=heat, masks=heat > threshold)

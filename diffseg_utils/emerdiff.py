@@ -13,7 +13,7 @@ All 2K runs of an image are batched (``chunk_size`` runs at a time); at ``t_m`` 
 before the modulated up block runs once at batch 1 and is broadcast to the runs (forward
 pre-hooks), so the shared prefix is computed once. Defaults from the paper: ``t_f=1``,
 ``t_m=281``, ``lam=10``, the layer choice, attention injection on, blur 5x5 with sigma 3
-(from VidSeg's code). Our choices: ``num_inference_steps=50`` (DDIM, eta 0: the schedule
+(from VidSeg's code). Our choices: ``num_steps=50`` (DDIM, eta 0: the schedule
 below ``t_m``, any ``prediction_type``, see :func:`~diffseg_utils.sampling.ddim_step`), k-means
 as the best of 50 greedy k-means++ restarts with 30 Lloyd iterations (batched on the device), and the
 first attention layer of the chosen level as the modulated layer (the paper found the three
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .attention import ControlledAttnProcessor, attention_layers, finer_up_layer, low_res_query_layer
 from .backbones import Backbone
 from .hooks import AttentionProcessors
-from .inputs import Geometry, ImageGeometry, restore_labels
+from .inputs import Geometry, ImageGeometry, restore_labels, renamed_arguments
 from .sampling import ddim_step
 
 __all__ = ["EmerDiffResult", "choose_emerdiff_settings", "emerdiff_segment", "gaussian_blur", "kmeans",
@@ -256,9 +256,9 @@ def _mask_for_layer(masks: torch.Tensor, layer_is_4d: bool) -> torch.Tensor:
     return masks[:, None] if layer_is_4d else masks.flatten(1)[..., None]
 
 
-def _denoise_timesteps(backbone: Backbone, t_m: int, num_inference_steps: int) -> tuple[object, list[int]]:
+def _denoise_timesteps(backbone: Backbone, t_m: int, num_steps: int) -> tuple[object, list[int]]:
     sched = backbone.ddim_scheduler()
-    sched.set_timesteps(num_inference_steps, device=backbone.device)
+    sched.set_timesteps(num_steps, device=backbone.device)
     return sched, [t_m] + [int(t) for t in sched.timesteps if int(t) < t_m]
 
 
@@ -330,7 +330,7 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_arguments(num_segments, positions: int, q_layer: str, *, lam, num_inference_steps, T: int, blur_kernel,
+def _check_arguments(num_segments, positions: int, q_layer: str, *, lam, num_steps, T: int, blur_kernel,
                      blur_sigma, chunk_size, decode_batch_size, kmeans_restarts) -> None:
     """Refuse bad emerdiff_segment arguments up front, each with what to pass instead."""
     if not _is_int(num_segments) or not 1 <= num_segments <= positions:
@@ -338,9 +338,9 @@ def _check_arguments(num_segments, positions: int, q_layer: str, *, lam, num_inf
                          f"positions of {q_layer}); got {num_segments!r}. The paper uses 10-40.")
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number (the paper uses 10); got {lam!r}")
-    if not _is_int(num_inference_steps) or not 1 <= num_inference_steps <= T:
-        raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (DDIM steps; default 50); "
-                         f"got {num_inference_steps!r}")
+    if not _is_int(num_steps) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an integer in [1, {T}] (DDIM steps; default 50); "
+                         f"got {num_steps!r}")
     if not _is_int(blur_kernel) or blur_kernel < 1 or blur_kernel % 2 == 0:
         raise ValueError(f"blur_kernel must be an odd integer >= 1 (1 = no blur; the paper's code uses 5); "
                          f"got {blur_kernel!r}")
@@ -354,6 +354,7 @@ def _check_arguments(num_segments, positions: int, q_layer: str, *, lam, num_inf
 
 
 @torch.no_grad()
+@renamed_arguments("num_inference_steps")
 def emerdiff_segment(
     backbone: Backbone,
     images,
@@ -362,7 +363,7 @@ def emerdiff_segment(
     t_f: int = 1,
     t_m: int = 281,
     lam: float = 10.0,
-    num_inference_steps: int = 50,
+    num_steps: int = 50,
     attention_injection: bool = True,
     query_layer: str | None = None,
     modulate_layer: str | None = None,
@@ -404,7 +405,7 @@ def emerdiff_segment(
     if not m_layer.startswith("up_blocks."):
         raise ValueError("modulate_layer must be inside an up block (the shared prefix is the rest of the UNet)")
     qh, qw = by_path[q_layer].resolution
-    _check_arguments(num_segments, qh * qw, q_layer, lam=lam, num_inference_steps=num_inference_steps,
+    _check_arguments(num_segments, qh * qw, q_layer, lam=lam, num_steps=num_steps,
                      T=backbone.scheduler.config.num_train_timesteps, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                      chunk_size=chunk_size, decode_batch_size=decode_batch_size, kmeans_restarts=kmeans_restarts)
     up_index = int(m_layer.split(".")[1])
@@ -420,7 +421,7 @@ def emerdiff_segment(
                              f"{qh}x{qw} query tokens of {q_layer} (the rest is the letterbox border), fewer than "
                              f"num_segments={num_segments}; use fewer segments, or fit='crop' to fill the canvas")
     n = x.shape[0]
-    sched, ts = _denoise_timesteps(backbone, t_m, num_inference_steps)
+    sched, ts = _denoise_timesteps(backbone, t_m, num_steps)
     low_all, pix_all, diff_all, plus_all, minus_all = [], [], [], [], []
     evals = 0.0
     min_evals = 0
@@ -589,7 +590,7 @@ def choose_emerdiff_settings(backbone: Backbone, images, labels, num_segments: i
     """Choose EmerDiff's modulation strength ``lam`` and modulated layer on labelled validation images.
 
     Runs :func:`emerdiff_segment` once per (layer, lam) with ``settings`` (any of its other keyword
-    arguments: t_f, t_m, num_inference_steps, seed, fit, ...) and scores ``.labels`` against ``labels``
+    arguments: t_f, t_m, num_steps, seed, fit, ...) and scores ``.labels`` against ``labels``
     with :func:`mean_hungarian_miou`.
 
     images / labels: validation images and their ground-truth maps, each at its image's own size.

@@ -15,15 +15,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
+from .inputs import renamed_arguments
 
 
 @torch.no_grad()
+@renamed_arguments("guidance")
 def generate(
     backbone: Backbone,
     prompts: Sequence[str] | int,
     *,
     num_steps: int = 50,
-    guidance: float = 7.5,
+    guidance_scale: float = 7.5,
     seed: int | Sequence[int] = 0,
     eta: float = 0.0,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
@@ -33,7 +35,7 @@ def generate(
     """Generate one image per prompt; returns ``(N, 3, R, R)`` in [-1, 1] (or latents).
 
     prompts:  text prompts (conditional backbones) or a count (unconditional ones).
-    guidance: classifier-free guidance scale; 1 disables it (no unconditional pass).
+    guidance_scale: classifier-free guidance scale; 1 disables it (no unconditional pass).
     seed:     one seed for the batch, or one per image (independent of batching).
     callback: ``callback(step, t, x_prev, model_output)`` after each step; ``model_output`` is the
               guided UNet output in the scheduler's ``prediction_type`` (epsilon, v or x0).
@@ -48,7 +50,7 @@ def generate(
     sched = backbone.ddim_scheduler()
     sched.set_timesteps(num_steps, device=backbone.device)
     cond = None
-    use_cfg = backbone.is_conditional and guidance != 1.0
+    use_cfg = backbone.is_conditional and guidance_scale != 1.0
     if backbone.is_conditional:
         if isinstance(prompts, int):
             prompts = [""] * n
@@ -61,7 +63,7 @@ def generate(
         out = backbone.unet_forward(xin, int(t), cond)   # epsilon, v or x0: sched.step converts
         if use_cfg:
             o_u, o_c = out.chunk(2)
-            out = o_u + guidance * (o_c - o_u)
+            out = o_u + guidance_scale * (o_c - o_u)
         x = sched.step(out, t, x, eta=eta, generator=g if eta > 0 else None).prev_sample
         if callback is not None:
             callback(i, int(t), x, out)

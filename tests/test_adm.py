@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from diffseg_utils import adm_blocks, load_backbone
 from diffseg_utils.adm import (ADM_PRESETS, DDPMSEG_FLAGS, adm_config, adm_scheduler, convert_adm_state_dict,
                                load_adm_checkpoint, parse_adm_flags, read_state_dict, resolve_adm_flags)
-from diffseg_utils.backbones import Backbone, WeightsNotAvailableError
+from diffseg_utils.backbones import Backbone
+from diffseg_utils.loading import WeightsNotAvailableError
 from diffseg_utils.hooks import CaptureOutputs
 
 DATA = Path(__file__).parent / "data"

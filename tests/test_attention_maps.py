@@ -59,7 +59,7 @@ def test_forward_unchanged_and_processors_restored(sd_tiny):
     before = dict(unet.attn_processors)
     n_pre_hooks = len(unet._forward_pre_hooks)
     ref = unet(x, t, encoder_hidden_states=c).sample
-    with CrossAttentionMaps(sd_tiny, guidance=False) as cam:
+    with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
         inside = unet(x, t, encoder_hidden_states=c).sample
         with pytest.raises(RuntimeError, match="already installed"):
             cam.__enter__()
@@ -79,8 +79,8 @@ def test_forward_unchanged_and_processors_restored(sd_tiny):
 
 @pytest.mark.parametrize("steps", [None, {1, 2}])
 def test_accumulated_maps_equal_reference(sd_tiny, steps):
-    kw = dict(num_steps=3, guidance=4.0, seed=3)
-    with CrossAttentionMaps(sd_tiny, guidance=True, resolution=16, steps=steps) as cam:
+    kw = dict(num_steps=3, guidance_scale=4.0, seed=3)
+    with CrossAttentionMaps(sd_tiny, cfg_batch=True, resolution=16, steps=steps) as cam:
         images = generate(sd_tiny, PROMPTS, **kw)
     procs = {a.path: ControlledAttnProcessor(capture_probs=True) for a in cam.layers}
     with AttentionProcessors(sd_tiny.unet, procs):
@@ -103,28 +103,28 @@ def test_only_conditional_rows_are_used(sd_tiny):
     g = torch.Generator().manual_seed(1)
     maps = []
     for uncond in (sd_tiny.empty_prompt(2), torch.randn(cond.shape, generator=g)):
-        with CrossAttentionMaps(sd_tiny, guidance=True) as cam:
+        with CrossAttentionMaps(sd_tiny, cfg_batch=True) as cam:
             sd_tiny.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]))
         maps.append(cam.maps)
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-6)
     # the same as a batch holding only the conditional rows ...
-    with CrossAttentionMaps(sd_tiny, guidance=False) as cam:
+    with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
         sd_tiny.unet(x, t, encoder_hidden_states=cond)
     torch.testing.assert_close(cam.maps, maps[0], rtol=1e-4, atol=1e-6)
     # ... and not the unconditional rows' maps
-    with CrossAttentionMaps(sd_tiny, guidance=False) as cam:
+    with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
         sd_tiny.unet(x, t, encoder_hidden_states=sd_tiny.empty_prompt(2))
     assert not torch.allclose(cam.maps, maps[0], atol=1e-4)
-    with CrossAttentionMaps(sd_tiny, guidance=True) as cam, pytest.raises(RuntimeError, match="even"):
+    with CrossAttentionMaps(sd_tiny, cfg_batch=True) as cam, pytest.raises(RuntimeError, match="even"):
         sd_tiny.unet(x[:1], t[:1], encoder_hidden_states=cond[:1])
 
 
 def test_heatmaps_masks_and_errors(sd_tiny):
-    cam = CrossAttentionMaps(sd_tiny, guidance=7.5)
+    cam = CrossAttentionMaps(sd_tiny, cfg_batch=True)
     with pytest.raises(RuntimeError, match="before asking"):
         cam.heatmaps(PROMPTS, WORDS)
     with cam:
-        generate(sd_tiny, PROMPTS, num_steps=2, guidance=7.5)
+        generate(sd_tiny, PROMPTS, num_steps=2, guidance_scale=7.5)
     heat = cam.heatmaps(PROMPTS, WORDS)
     assert heat.shape == (2, 2, sd_tiny.resolution, sd_tiny.resolution) and heat.dtype == torch.float32
     assert heat.min() >= 0 and heat.max() <= 1
@@ -148,7 +148,7 @@ def test_heatmaps_masks_and_errors(sd_tiny):
     with pytest.raises(RuntimeError, match="no cross-attention maps"):
         cam.maps
     with CrossAttentionMaps(sd_tiny, steps={5}) as cam:
-        generate(sd_tiny, PROMPTS, num_steps=2, guidance=7.5)
+        generate(sd_tiny, PROMPTS, num_steps=2, guidance_scale=7.5)
     with pytest.raises(RuntimeError, match="selected none"):
         cam.heatmaps(PROMPTS, WORDS)
 
@@ -156,13 +156,13 @@ def test_heatmaps_masks_and_errors(sd_tiny):
 def test_daam_segment_and_composition_with_feature_capture(sd_tiny):
     from diffseg_utils.grounding.features import generate_with_features
 
-    kw = dict(num_steps=2, guidance=5.0, seed=0)
+    kw = dict(num_steps=2, guidance_scale=5.0, seed=0)
     res = daam_segment(sd_tiny, PROMPTS, ["star", "heart"], threshold=0.5, **kw)
     assert isinstance(res, DAAMResult)
     assert res.images.shape == (2, 3, 64, 64) and res.heatmaps.shape == res.masks.shape == (2, 1, 64, 64)
     assert torch.equal(res.masks, res.heatmaps > 0.5)
     # the context manager only observes: it composes with a wrapper that adds its own forward hooks
-    with CrossAttentionMaps(sd_tiny, guidance=True) as cam:
+    with CrossAttentionMaps(sd_tiny, cfg_batch=True) as cam:
         batch = generate_with_features(sd_tiny, PROMPTS, **kw)
     torch.testing.assert_close(batch.images, res.images, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cam.heatmaps(PROMPTS, ["star", "heart"]), res.heatmaps, rtol=1e-4, atol=1e-5)
@@ -178,7 +178,7 @@ def test_toy_layers_and_maps(toy):
     # every cross-attention layer of the toy UNet (16, 8 and the 4x4 mid block) is kept by default
     assert sorted({a.resolution[0] for a in cam.layers}) == [4, 8, 16]
     assert len(cam.layers) == sum(a.cross for a in attention_layers(toy)) == 7
-    res = daam_segment(toy, ["a photo of a star and a ring"], [["star", "ring"]], num_steps=4, guidance=5.0)
+    res = daam_segment(toy, ["a photo of a star and a ring"], [["star", "ring"]], num_steps=4, guidance_scale=5.0)
     assert res.heatmaps.shape == (1, 2, 64, 64) and torch.equal(res.masks, res.heatmaps > 0.4)
     # where the maps are right is tested with forced attention (test_maps_peak_where_the_attention_is_forced)
 
@@ -227,7 +227,7 @@ def test_maps_peak_where_the_attention_is_forced(sd_tiny):
             inner = m.to_q.out_features
             m.to_q, m.to_k = _ForcedQuery(inner, box), _ForcedKey(inner, ring)
         x, t, _ = _unet_inputs(sd_tiny, n=1)
-        with CrossAttentionMaps(sd_tiny, guidance=False) as cam:
+        with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
             sd_tiny.unet(x, t, encoder_hidden_states=sd_tiny.encode_prompt([prompt]))
         heat = cam.heatmaps([prompt], [["ring", "star"]], image_size=32)[0]              # (2, 32, 32)
     finally:

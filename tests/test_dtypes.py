@@ -235,7 +235,7 @@ def test_emerdiff_bf16(sd):
     out = {}
     for dt, bb in sd.items():
         with record(bb) as rec:
-            out[dt] = emerdiff_segment(bb, x, 3, num_inference_steps=3, kmeans_restarts=10, query_layer=q_layer,
+            out[dt] = emerdiff_segment(bb, x, 3, num_steps=3, kmeans_restarts=10, query_layer=q_layer,
                                        progress=False)
         if dt == torch.bfloat16:
             rec.check()
@@ -259,8 +259,8 @@ def test_generate_and_daam_bf16(sd):
     out, imgs = {}, {}
     for dt, bb in sd.items():
         with record(bb) as rec:
-            imgs[dt] = generate(bb, prompts, num_steps=3, guidance=7.5)
-            out[dt] = daam_segment(bb, prompts, words, num_steps=3, guidance=7.5)
+            imgs[dt] = generate(bb, prompts, num_steps=3, guidance_scale=7.5)
+            out[dt] = daam_segment(bb, prompts, words, num_steps=3, guidance_scale=7.5)
         if dt == torch.bfloat16:
             rec.check()
     assert imgs[torch.bfloat16].dtype == torch.bfloat16
@@ -300,7 +300,7 @@ def test_grounding_bf16(sd, tmp_path):
         with record(bb) as rec:
             # features of the first step: same x_T, so only the UNet arithmetic differs (random weights
             # with guidance 5 amplify bf16 rounding along the sampling trajectory)
-            batch = generate_with_features(bb, prompts, num_steps=3, guidance=5.0, feature_step=0)
+            batch = generate_with_features(bb, prompts, num_steps=3, guidance_scale=5.0, feature_step=0)
             q = class_embeddings(bb, names)
             logits[dt] = gm(batch.features, q[None].expand(2, -1, -1))
             gm.predict(batch.features, q[None].expand(2, -1, -1))

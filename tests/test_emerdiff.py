@@ -41,7 +41,7 @@ def test_batched_equals_reference_loop_and_lambda_zero(which, finer, request):
     the k-means level (segments nearest-resized to it)."""
     bb = request.getfixturevalue(which)
     img = torch.rand(1, 3, bb.resolution, bb.resolution, generator=torch.Generator().manual_seed(1))
-    kw = dict(num_segments=3, num_inference_steps=8, return_images=True, progress=False)
+    kw = dict(num_segments=3, num_steps=8, return_images=True, progress=False)
     if finer:
         kw["modulate_layer"] = finer_up_layer(bb).path
     big = emerdiff_segment(bb, img, chunk_size=16, **kw)
@@ -221,7 +221,7 @@ def test_kmeans_keeps_the_best_restart_and_dtype():
     (dict(num_segments=True), "num_segments"),
     (dict(lam=float("nan")), "lam must be a finite number"),
     (dict(lam=float("inf")), "lam must be a finite number"),
-    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_steps=0), "num_steps"),
     (dict(blur_kernel=4), "blur_kernel must be an odd integer"),
     (dict(blur_sigma=0.0), "blur_sigma"),
     (dict(chunk_size=0), "chunk_size"),
@@ -243,7 +243,7 @@ def test_bad_arguments_are_refused_up_front(sd_tiny, kw, match):
 # ---------------------------------------------------------------- memory: chunked decoding, cleanup
 def test_chunked_decode_equals_one_batch(sd_tiny, monkeypatch):
     img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    kw = dict(num_segments=4, num_inference_steps=4, return_images=True, progress=False)
+    kw = dict(num_segments=4, num_steps=4, return_images=True, progress=False)
     one = emerdiff_segment(sd_tiny, img, decode_batch_size=1000, **kw)
     batches = []
     orig = sd_tiny.decode
@@ -262,7 +262,7 @@ def test_processors_and_hooks_restored_after_emerdiff(sd_tiny, monkeypatch):
     procs = lambda: {n: m.processor for n, m in sd_tiny.unet.named_modules() if hasattr(m, "set_processor")}
     hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sd_tiny.unet.modules())
     before, n_hooks = procs(), hooks()
-    emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), 3, num_inference_steps=3, progress=False)
+    emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), 3, num_steps=3, progress=False)
     assert procs() == before and hooks() == n_hooks
     calls = []
     orig = sd_tiny.unet_forward
@@ -275,7 +275,7 @@ def test_processors_and_hooks_restored_after_emerdiff(sd_tiny, monkeypatch):
 
     monkeypatch.setattr(sd_tiny, "unet_forward", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), 3, num_inference_steps=3, progress=False)
+        emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), 3, num_steps=3, progress=False)
     assert procs() == before and hooks() == n_hooks
 
 
@@ -292,7 +292,7 @@ def test_image_change_concentrates_inside_the_perturbed_segment():
     from diffseg_utils.toy.world import render
 
     bb = load_backbone("toy", device="cpu")
-    res = emerdiff_segment(bb, render("eval", 0, 4).images, 6, lam=40.0, num_inference_steps=10,
+    res = emerdiff_segment(bb, render("eval", 0, 4).images, 6, lam=40.0, num_steps=10,
                            return_images=True, progress=False)
     for i in range(4):
         d = (res.images_plus[i] - res.images_minus[i]).pow(2).sum(1).sqrt()           # (K, H, W)
@@ -338,7 +338,7 @@ def test_kmeans_ddim_step_and_injection_do_not_sync_on_cuda():
 def test_square_input_at_the_model_size_keeps_the_model_grid(sd_tiny):
     """A square image at the native size: ``labels`` / ``scores`` are ``pixels`` / ``diffs`` themselves."""
     img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    res = emerdiff_segment(sd_tiny, img, 3, num_inference_steps=4, progress=False)
+    res = emerdiff_segment(sd_tiny, img, 3, num_steps=4, progress=False)
     assert torch.equal(res.labels, res.pixels) and res.labels.dtype == torch.int64
     torch.testing.assert_close(res.scores, res.diffs, atol=1e-6, rtol=0)
     assert torch.equal(res.upsampled_labels("nearest"), upsample_segments(res.low_res, (64, 64), "nearest"))
@@ -364,7 +364,7 @@ def test_choose_emerdiff_settings_picks_the_setting_that_matches(sd_tiny):
     from diffseg_utils.emerdiff import choose_emerdiff_settings, mean_hungarian_miou
 
     imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    kw = dict(num_inference_steps=4, seed=1)
+    kw = dict(num_steps=4, seed=1)
     truth = emerdiff_segment(sd_tiny, imgs, 3, lam=10.0, progress=False, **kw).labels
     best, table = choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lams=(0.0, 10.0), layers=("query", "finer"),
                                            progress=False, **kw)
@@ -396,7 +396,7 @@ def test_viz_helpers_match_segments_and_draw(sd_tiny):
     want[0, 0] = UNMATCHED
     assert np.array_equal(match_segments(pred, gt), want)
     imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
-    res = emerdiff_segment(sd_tiny, imgs, 3, num_inference_steps=3, return_images=True, progress=False)
+    res = emerdiff_segment(sd_tiny, imgs, 3, num_steps=3, return_images=True, progress=False)
     gts = np.zeros((2, 64, 64), np.int64)
     gts[:, 32:] = 1
     assert len(show_emerdiff(res, 1, imgs[1], gts[1], ["background", "thing"])) == 5
@@ -404,4 +404,4 @@ def test_viz_helpers_match_segments_and_draw(sd_tiny):
     assert len(segment_explorer(res, imgs, gts, ["background", "thing"]).children) == 2
     plt.close("all")
     with pytest.raises(ValueError, match="return_images=True"):
-        show_modulation(emerdiff_segment(sd_tiny, imgs[:1], 3, num_inference_steps=3, progress=False), 0, 0)
+        show_modulation(emerdiff_segment(sd_tiny, imgs[:1], 3, num_steps=3, progress=False), 0, 0)

@@ -55,7 +55,7 @@ def test_labels_and_scores_at_the_photos_size_and_the_border_takes_no_segment(sd
     border tokens only on this photo; now every segment has tokens on the image, border tokens carry the
     nearest image token's id, and each difference map is normalised over the image's pixels."""
     K = 6
-    res = emerdiff_segment(sd128, coffee, K, num_inference_steps=4, progress=False)
+    res = emerdiff_segment(sd128, coffee, K, num_steps=4, progress=False)
     assert res.labels.shape == (1, 400, 600) and res.labels.dtype == torch.int64
     scores = res.scores
     assert scores.shape == (1, K, 400, 600) and scores.dtype == torch.float32
@@ -85,15 +85,15 @@ def test_finer_query_layer_crop_and_mixed_sizes(sd128, coffee):
     """A 16x16 query layer (3 token rows of border each side); fit='crop' leaves the unseen sides 255;
     images of different sizes give one label map per image, each at its own size."""
     fine = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"
-    res = emerdiff_segment(sd128, coffee, 4, query_layer=fine, num_inference_steps=4, progress=False)
+    res = emerdiff_segment(sd128, coffee, 4, query_layer=fine, num_steps=4, progress=False)
     low = res.low_res[0]
     assert low.shape == (16, 16) and _token_box(res.geometry[0], (16, 16)) == (3, 13, 0, 16)
     assert set(low.unique().tolist()) == set(low[3:13].unique().tolist())
-    crop = emerdiff_segment(sd128, coffee, 4, fit="crop", num_inference_steps=4, progress=False)
+    crop = emerdiff_segment(sd128, coffee, 4, fit="crop", num_steps=4, progress=False)
     lab = crop.labels[0]
     assert lab.shape == (400, 600) and bool((lab[:, :90] == 255).all()) and bool((lab[:, -90:] == 255).all())
     assert bool((lab[:, 110:490] != 255).all())
-    mixed = emerdiff_segment(sd128, [coffee, coffee[:300, :200]], 4, num_inference_steps=4, progress=False)
+    mixed = emerdiff_segment(sd128, [coffee, coffee[:300, :200]], 4, num_steps=4, progress=False)
     assert isinstance(mixed.labels, list) and [tuple(x.shape) for x in mixed.labels] == [(400, 600), (300, 200)]
     assert [tuple(x.shape) for x in mixed.scores] == [(4, 400, 600), (4, 300, 200)]
 
@@ -102,5 +102,5 @@ def test_too_thin_an_image_for_k_segments_is_refused(sd128):
     """A 20 x 600 strip covers one row of the 4x4 token grid: 4 tokens cannot make 6 segments."""
     strip = torch.rand(3, 20, 600)
     with pytest.raises(ValueError, match="fewer than num_segments=6"):
-        emerdiff_segment(sd128, strip, 6, num_inference_steps=4, progress=False)
-    assert emerdiff_segment(sd128, strip, 3, num_inference_steps=4, progress=False).labels.shape == (1, 20, 600)
+        emerdiff_segment(sd128, strip, 6, num_steps=4, progress=False)
+    assert emerdiff_segment(sd128, strip, 3, num_steps=4, progress=False).labels.shape == (1, 20, 600)

@@ -297,7 +297,7 @@ def test_emerdiff_sd15(sd15, K):
     x, _ = _images(1, sd15.resolution)
     K = K if not TINY else 3
     steps = 50 if not TINY else 3
-    res = guarded(sd15.unet, lambda: emerdiff_segment(sd15, x, K, num_inference_steps=steps, progress=False))
+    res = guarded(sd15.unet, lambda: emerdiff_segment(sd15, x, K, num_steps=steps, progress=False))
     assert res.pixels.shape == (1, sd15.resolution, sd15.resolution)
     assert torch.isfinite(res.diffs).all() and res.diffs.shape[1] == K
 
@@ -308,9 +308,9 @@ def test_generate_and_daam_sd15(sd15):
 
     steps = 10 if not TINY else 3
     prompts, words = ["a photograph of a star", "a photograph of a ring"], ["star", "ring"]
-    imgs = guarded(sd15.unet, lambda: generate(sd15, prompts, num_steps=steps, guidance=7.5), period=steps)
+    imgs = guarded(sd15.unet, lambda: generate(sd15, prompts, num_steps=steps, guidance_scale=7.5), period=steps)
     assert imgs.dtype == DTYPE and torch.isfinite(imgs).all()
-    out = guarded(sd15.unet, lambda: daam_segment(sd15, prompts, words, num_steps=steps, guidance=7.5), period=steps)
+    out = guarded(sd15.unet, lambda: daam_segment(sd15, prompts, words, num_steps=steps, guidance_scale=7.5), period=steps)
     assert out.heatmaps.shape == (2, 1, sd15.resolution, sd15.resolution)
     assert torch.isfinite(out.heatmaps).all()
 

@@ -21,7 +21,7 @@ from diffseg_utils.registry import REPO_ROOT
 from diffseg_utils.toy import grounding_defaults as toy_defaults
 from diffseg_utils.toy.world import SEEN_CATEGORIES
 
-TINY = dict(num_steps=2, guidance=5.0, progress=False)
+TINY = dict(num_steps=2, guidance_scale=5.0, progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +114,7 @@ def test_shards_hold_what_generate_with_features_returns(toy, oracle_labeler, tm
     assert len(data) == 4 and data.seeds.tolist() == [sample_seed(5, i) for i in range(4)]
     prompts = [sample_prompt(classes, i, 5, prompt_template(toy))[0] for i in range(4)]
     assert data.prompts == prompts
-    ref = generate_with_features(toy, prompts, num_steps=2, guidance=5.0, seed=data.seeds.tolist())
+    ref = generate_with_features(toy, prompts, num_steps=2, guidance_scale=5.0, seed=data.seeds.tolist())
     assert data.timestep == ref.timestep
     assert set(data.features) == set(ref.features)
     for r, f in ref.features.items():
@@ -230,7 +230,7 @@ def test_accelerate_two_processes_equal_one(toy, oracle_labeler, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "diffseg_utils.grounding.synth",
            "--backbone", "toy", "--defaults", "diffseg_utils.toy.grounding_defaults", "--out", str(out),
-           "--num-samples", "4", "--shard-size", "1", "--num-steps", "2", "--guidance", "5.0", "--seed", "7",
+           "--num-samples", "4", "--shard-size", "1", "--num-steps", "2", "--guidance-scale", "5.0", "--seed", "7",
            "--classes", "seen", "--labeler", "oracle", "--no-progress"]
     burner = _burn_cpu(120)
     try:

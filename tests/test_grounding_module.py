@@ -57,7 +57,7 @@ def test_sd15_layout(sd15_full):
     assert gm.resolutions == [8, 16, 32, 64] and gm.embed_dim == 240 and gm.image_size == 512
     # guidance doubles the block channels: 8: down2+down3+mid, 16: down1+up0, 32: down0+up1, 64: up2+up3
     assert gm.channels == {8: 2 * 3840, 16: 2 * 1920, 32: 2 * 1600, 64: 2 * 960}
-    assert GroundingModule.for_backbone(bb, guidance=False).channels == {8: 3840, 16: 1920, 32: 1600, 64: 960}
+    assert GroundingModule.for_backbone(bb, cfg_batch=False).channels == {8: 3840, 16: 1920, 32: 1600, 64: 960}
     logits = gm(random_features(gm.channels), torch.randn(1, 2, 768))
     assert logits.shape == (1, 2, 512, 512)
     bce_loss(logits, torch.rand(1, 2, 512, 512) > 0.5).backward()
@@ -204,7 +204,7 @@ def shipped(toy):
         unseen = [UNSEEN_CATEGORIES[i % len(UNSEEN_CATEGORIES)] for i in range(n)]
         seen = [SEEN_CATEGORIES[(3 * i) % len(SEEN_CATEGORIES)] for i in range(n)]
         prompts = [tpl.format(f"{u} and a {s}") for u, s in zip(unseen, seen)]
-        gen = generate_with_features(toy, prompts, num_steps=20, guidance=5.0, seed=list(range(600, 600 + n)))
+        gen = generate_with_features(toy, prompts, num_steps=20, guidance_scale=5.0, seed=list(range(600, 600 + n)))
         truth, valid = SegmenterLabeler(toy_defaults.oracle_segmenter())(gen, [[u, s] for u, s in zip(unseen, seen)])
         q = class_embeddings(toy, CATEGORIES, tpl)
         ids = torch.tensor([[CATEGORIES.index(u), CATEGORIES.index(s)] for u, s in zip(unseen, seen)])
@@ -308,7 +308,7 @@ def test_cross_attention_token_study_agrees_with_daam_maps(toy):
     # the class word's map is DAAM's heat map of that word (an independent path through CrossAttentionMaps)
     pn = [sample_prompt(names, i, 5, template=tpl, two_prob=0.0) for i in range(3)]
     prompts = [p for p, _ in pn]
-    with CrossAttentionMaps(toy, guidance=True) as cam:
+    with CrossAttentionMaps(toy, cfg_batch=True) as cam:
         generate_with_features(toy, prompts, num_steps=2, seed=[sample_seed(5, i) for i in range(3)])
     heat = cam.heatmaps(prompts, [n for _, n in pn], image_size=64)[:, 0]
     torch.testing.assert_close(ex["maps"]["class word"], heat, atol=1e-5, rtol=0)

@@ -20,7 +20,7 @@ NAMES = ("star", "ring", "heart")
 def test_features_from_the_generation_pass_equal_a_separate_unet_call(sd_tiny, step):
     bb, prompts, g = sd_tiny, ["a photo of a star", "a photo of a ring and a heart"], 4.0
     xs = []
-    generate(bb, prompts, num_steps=3, guidance=g, seed=[5, 6], callback=lambda i, t, x, e: xs.append((t, x)))
+    generate(bb, prompts, num_steps=3, guidance_scale=g, seed=[5, 6], callback=lambda i, t, x, e: xs.append((t, x)))
     x_in = xs[step - 1][1] if step % 3 else torch.stack(
         [torch.randn(bb.latent_channels, bb.latent_resolution, bb.latent_resolution,
                      generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
@@ -29,7 +29,7 @@ def test_features_from_the_generation_pass_equal_a_separate_unet_call(sd_tiny, s
     names = [n for ns in feature_groups(bb).values() for n in ns]
     with CaptureOutputs(bb.unet, names) as cap:
         bb.unet_forward(torch.cat([x_in, x_in]), t, cond)
-    gen = generate_with_features(bb, prompts, num_steps=3, guidance=g, seed=[5, 6], feature_step=step,
+    gen = generate_with_features(bb, prompts, num_steps=3, guidance_scale=g, seed=[5, 6], feature_step=step,
                                  dtype=torch.float32)
     assert gen.timestep == t
     for r, ns in feature_groups(bb).items():
@@ -73,10 +73,10 @@ def test_training_learns_the_labels_and_protocols_run(sd_tiny, tmp_path):
     """
     torch.manual_seed(0)
     synthesize(sd_tiny, SegmenterLabeler(FakeSegmenter()), tmp_path / "s", num_samples=8, class_names=NAMES,
-               shard_size=8, num_steps=2, guidance=4.0, progress=False)
+               shard_size=8, num_steps=2, guidance_scale=4.0, progress=False)
     shards = GroundingShards(tmp_path / "s")
     assert not shards.valid[shards.class_ids == 2].any()
-    gm = GroundingModule.for_backbone(sd_tiny, guidance=True, config=SMALL)
+    gm = GroundingModule.for_backbone(sd_tiny, cfg_batch=True, config=SMALL)
     q = class_embeddings(sd_tiny, shards.class_names, gm.config.template)
     import inspect
 
@@ -96,7 +96,7 @@ def test_training_learns_the_labels_and_protocols_run(sd_tiny, tmp_path):
     assert len(reads) == len(hist) == 6
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
     res = evaluate_on_generations(sd_tiny, gm, FakeSegmenter(), NAMES, ("star", "ring"), num_images=8, seed=0,
-                                  num_steps=2, guidance=4.0, batch_size=8, progress=False, keep_examples=2)
+                                  num_steps=2, guidance_scale=4.0, batch_size=8, progress=False, keep_examples=2)
     assert res.pairs["heart"] == 0 and res.pairs["star"] > 0
     tab = res.table()
     assert set(tab) == {"grounding", "daam"} and tab["grounding"]["seen"] > 0.6
@@ -120,7 +120,7 @@ class HalfImageModule:
 def test_protocol_one_known_answer(sd_tiny):
     # ground truth (FakeSegmenter): star = left half, ring = right half, heart never found
     res = evaluate_on_generations(sd_tiny, HalfImageModule(), FakeSegmenter(), NAMES, ("star",), num_images=6,
-                                  seed=1, num_steps=2, guidance=4.0, batch_size=3, progress=False)
+                                  seed=1, num_steps=2, guidance_scale=4.0, batch_size=3, progress=False)
     assert res.iou["grounding"]["star"] == 1.0 and res.iou["grounding"]["ring"] == 0.0
     assert res.miou("grounding", "seen") == 1.0 and res.miou("grounding", "unseen") == 0.0  # heart: nan, skipped
     assert res.pairs["heart"] == 0 and res.pairs["star"] + res.pairs["ring"] > 0

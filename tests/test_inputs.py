@@ -282,7 +282,7 @@ def test_method_outputs_come_back_at_the_input_size(sd_tiny):
     img = (np.random.default_rng(0).uniform(size=(48, 80, 3)) * 255).astype(np.uint8)
     geo = geometry_of(img, sd_tiny.resolution)
     assert sd_tiny.preprocess(img, return_geometry=True)[1] == geo
-    res = emerdiff_segment(sd_tiny, img, num_segments=2, num_inference_steps=4, progress=False)
+    res = emerdiff_segment(sd_tiny, img, num_segments=2, num_steps=4, progress=False)
     labels = restore_labels(res.pixels, geo)
     assert labels.shape == (1, 48, 80) and labels.dtype == res.pixels.dtype
     assert restore_labels(res.low_res, geo).shape == (1, 48, 80)      # the low-res segments too

@@ -59,7 +59,7 @@ def test_ddpm256_ensemble_fits_on_paper_blocks(ddpm256_full):
 @pytest.mark.slow
 def test_sd15_emerdiff_runs_at_512(sd15_full):
     """EmerDiff on SD 1.5's layout: the 16x16 cross-attention level is found, K = 2, two denoising steps."""
-    res = emerdiff_segment(sd15_full, torch.rand(1, 3, 512, 512), 2, num_inference_steps=500, t_m=2,
+    res = emerdiff_segment(sd15_full, torch.rand(1, 3, 512, 512), 2, num_steps=500, t_m=2,
                            chunk_size=4, progress=False)
     assert res.layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     assert res.low_res.shape == (1, 16, 16) and res.pixels.shape == (1, 512, 512)
@@ -69,7 +69,7 @@ def test_sd15_emerdiff_runs_at_512(sd15_full):
 
 @pytest.mark.slow
 def test_ddpm256_emerdiff_uses_self_attention(ddpm256_full):
-    res = emerdiff_segment(ddpm256_full, torch.rand(1, 3, 256, 256), 2, num_inference_steps=500, t_m=2,
+    res = emerdiff_segment(ddpm256_full, torch.rand(1, 3, 256, 256), 2, num_steps=500, t_m=2,
                            chunk_size=4, progress=False)
     # google's DDPM-256 has attention only in up_blocks[1] (16x16): its first self-attention block is
     # both the k-means layer and the modulated one; a 8x8 or 32x32 level would give another low_res grid

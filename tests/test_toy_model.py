@@ -42,7 +42,7 @@ def test_prompt_fidelity_reaches_target():
     from diffseg_utils.toy.quality import prompt_fidelity
 
     fid = prompt_fidelity(load_backbone("toy", device="cpu"), OracleSegmenter.load(DATA_DIR / "oracle"), n=32,
-                          num_steps=20, guidance=5.0, seed=0)
+                          num_steps=20, guidance_scale=5.0, seed=0)
     print(fid)
     assert fid["all_found"] >= 0.80
 

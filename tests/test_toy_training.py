@@ -77,7 +77,7 @@ def test_micro_oracle_training(tmp_path):
 
 
 def test_missing_toy_model_names_the_training_command(tmp_path, monkeypatch):
-    import diffseg_utils.backbones as B
+    import diffseg_utils.loading as B
     from diffseg_utils.registry import REGISTRY, RegistryEntry
 
     monkeypatch.setattr(B, "TOY_SD_DIR", tmp_path / "toy-sd")

@@ -24,6 +24,7 @@ from ..text import token_span
 from .features import generate_with_features
 from .labelers import SegmenterLabeler
 from .prompts import sample_prompt, sample_seed
+from ..inputs import renamed_arguments
 
 __all__ = ["ROLES", "TokenStudy", "cross_attention_tokens"]
 
@@ -56,6 +57,7 @@ def _normalise(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@renamed_arguments("guidance")
 def cross_attention_tokens(
     backbone: Backbone,
     segmenter,
@@ -65,7 +67,7 @@ def cross_attention_tokens(
     num_images: int = 32,
     seed: int = 10_000,
     num_steps: int = 20,
-    guidance: float = 5.0,
+    guidance_scale: float = 5.0,
     threshold: float = 0.4,
     min_score: float = 0.05,
     batch_size: int = 16,
@@ -99,8 +101,8 @@ def cross_attention_tokens(
             idx = range(s, min(s + batch_size, num_images))
             pn = [sample_prompt(class_names, i, seed, template=tpl, two_prob=0.0) for i in idx]
             prompts, names = [p for p, _ in pn], [n for _, n in pn]
-            with CrossAttentionMaps(backbone, guidance=guidance != 1.0) as cam:
-                gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance=guidance,
+            with CrossAttentionMaps(backbone, cfg_batch=guidance_scale != 1.0) as cam:
+                gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                                              seed=[sample_seed(seed, i) for i in idx])
             size = gen.images.shape[-1]
             truth, valid = labeler(gen, names)

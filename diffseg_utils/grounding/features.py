@@ -15,6 +15,7 @@ import torch
 from ..backbones import Backbone
 from ..hooks import CaptureOutputs
 from ..sampling import generate
+from ..inputs import renamed_arguments
 
 
 def feature_groups(backbone: Backbone) -> dict[int, list[str]]:
@@ -30,10 +31,10 @@ def feature_groups(backbone: Backbone) -> dict[int, list[str]]:
     return dict(sorted(groups.items()))
 
 
-def feature_channels(backbone: Backbone, guidance: bool = True) -> dict[int, int]:
+def feature_channels(backbone: Backbone, cfg_batch: bool = True) -> dict[int, int]:
     """Input channels per resolution group (doubled when uncond and cond halves are concatenated)."""
     blocks = backbone.blocks()
-    mult = 2 if guidance and backbone.is_conditional else 1
+    mult = 2 if cfg_batch and backbone.is_conditional else 1
     return {r: mult * sum(blocks[n].channels for n in names) for r, names in feature_groups(backbone).items()}
 
 
@@ -48,12 +49,13 @@ class GeneratedBatch:
 
 
 @torch.no_grad()
+@renamed_arguments("guidance")
 def generate_with_features(
     backbone: Backbone,
     prompts: Sequence[str],
     *,
     num_steps: int = 50,
-    guidance: float = 5.0,
+    guidance_scale: float = 5.0,
     seed: int | Sequence[int] = 0,
     feature_step: int = -1,
     dtype: torch.dtype = torch.float16,
@@ -62,7 +64,7 @@ def generate_with_features(
 
     feature_step: index into the DDIM steps whose UNet call is captured (-1 = the last step, the
                   paper's default; its ablation prefers t = 5, i.e. a late step).
-    With guidance != 1 the unconditional and conditional block outputs are concatenated on
+    With guidance_scale != 1 the unconditional and conditional block outputs are concatenated on
     channels ([uncond, cond]), as in the paper; no extra UNet call is made.
     """
     prompts = list(prompts)
@@ -73,7 +75,7 @@ def generate_with_features(
         raise ValueError(f"feature_step must be in [-{num_steps}, {num_steps - 1}], got {feature_step}")
     groups = feature_groups(backbone)
     names = [n for ns in groups.values() for n in ns]
-    use_cfg = backbone.is_conditional and guidance != 1.0
+    use_cfg = backbone.is_conditional and guidance_scale != 1.0
     n = len(prompts)
     snap: dict[str, torch.Tensor] = {}
     taken: list[int] = []
@@ -86,7 +88,7 @@ def generate_with_features(
             taken.append(t)
 
     with CaptureOutputs(backbone.unet, names, transform=lambda o: o.detach().to(dtype)) as cap:
-        images = generate(backbone, prompts, num_steps=num_steps, guidance=guidance, seed=seed, callback=take)
+        images = generate(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, callback=take)
     feats = {r: torch.cat([snap[b] for b in ns], dim=1) for r, ns in groups.items()}
     assert all(f.shape[0] == n for f in feats.values())
     # the callback sees the timestep the step started from

@@ -16,7 +16,7 @@ import torch
 
 from ..backbones import Backbone
 from ..hooks import CaptureOutputs
-from ..inputs import Geometry, ImageLike, restore_labels
+from ..inputs import Geometry, ImageLike, restore_labels, renamed_arguments
 from .features import feature_groups, generate_with_features
 from .module import GroundingModule, class_embeddings, query_template
 
@@ -54,7 +54,7 @@ def _labels_from_scores(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _features_of_images(backbone: Backbone, x: torch.Tensor, prompts: list[str], *, num_steps: int,
-                        guidance: float, feature_step: int, seed: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+                        guidance_scale: float, feature_step: int, seed: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
     """Grounding features of real images: the latent noised to the timestep that generation's ``feature_step``
     would use, one UNet pass (``[uncond; cond]`` with guidance), blocks grouped as in generation."""
     sched = backbone.ddim_scheduler()
@@ -64,7 +64,7 @@ def _features_of_images(backbone: Backbone, x: torch.Tensor, prompts: list[str],
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(z0.shape, generator=g).to(z0.device, z0.dtype)
     zt = backbone.add_noise(z0, t, noise)
-    use_cfg = guidance != 1.0
+    use_cfg = guidance_scale != 1.0
     cond = backbone.encode_prompt(prompts)
     if use_cfg:
         cond = torch.cat([backbone.empty_prompt(len(prompts)), cond])
@@ -78,6 +78,7 @@ def _features_of_images(backbone: Backbone, x: torch.Tensor, prompts: list[str],
 
 
 @torch.no_grad()
+@renamed_arguments("guidance")
 def ground(
     backbone: Backbone,
     module: GroundingModule,
@@ -85,7 +86,7 @@ def ground(
     names: Sequence[str],
     *,
     num_steps: int = 50,
-    guidance: float = 5.0,
+    guidance_scale: float = 5.0,
     seed: int | Sequence[int] = 0,
     feature_step: int = -1,
     template: str | None = None,
@@ -95,7 +96,7 @@ def ground(
 
     images_or_prompts:
         * prompts (a string or a list of strings): one image is generated per prompt (DDIM,
-          ``num_steps``, ``guidance``, ``seed``: one seed for the batch or one per prompt) and the
+          ``num_steps``, ``guidance_scale``, ``seed``: one seed for the batch or one per prompt) and the
           features are taken in the same pass (the paper's setting);
         * images (PIL / numpy / torch, any size; :mod:`diffseg_utils.inputs`): each is fitted to the
           backbone's square input (``fit="pad"`` letterboxes, so no part of a non-square image is
@@ -119,7 +120,7 @@ def ground(
     geo: Geometry | None = None
     if isinstance(texts, (list, tuple)) and texts and all(isinstance(p, str) for p in texts):
         prompts = list(texts)
-        gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance=guidance, seed=seed,
+        gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed,
                                      feature_step=feature_step)
         images, feats = gen.images, gen.features
     else:
@@ -127,7 +128,7 @@ def ground(
             raise TypeError("with images, seed is one int (the noise added to every image's latent)")
         images, geo = backbone.preprocess(images_or_prompts, fit=fit, return_geometry=True)
         prompts = [tpl.format(" and a ".join(names))] * images.shape[0]
-        feats = _features_of_images(backbone, images, prompts, num_steps=num_steps, guidance=guidance,
+        feats = _features_of_images(backbone, images, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                                     feature_step=feature_step, seed=seed, dtype=torch.float16)
     n, size = images.shape[0], images.shape[-1]
     was = module.training
@@ -146,8 +147,9 @@ def ground(
     return GroundingResult(images, _labels_from_scores(scores, thr), scores > thr, scores, tuple(names), prompts)
 
 
+@renamed_arguments("guidance")
 def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, seed: int = 0,
-                    unseen: Sequence[str] = (), num_steps: int = 20, guidance: float = 5.0, max_seed: int = 99):
+                    unseen: Sequence[str] = (), num_steps: int = 20, guidance_scale: float = 5.0, max_seed: int = 99):
     """Generate ``template.format(name)`` and show its grounded mask; a text box and a seed slider redraw it.
 
     Draws the figure once, as an ordinary output (so a static render of the notebook shows it),
@@ -165,7 +167,7 @@ def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, s
 
     def figure(text: str, s: int):
         text = text.strip() or name
-        res = ground(backbone, module, tpl.format(text), [text], num_steps=num_steps, guidance=guidance, seed=s)
+        res = ground(backbone, module, tpl.format(text), [text], num_steps=num_steps, guidance_scale=guidance_scale, seed=s)
         star = "*" if text in unseen else ""
         fig, axes = plt.subplots(1, 2, figsize=(4.6, 2.3))
         show_image(res.images[0], axes[0], title=f'"{tpl.format(text)}"\nseed {s}')

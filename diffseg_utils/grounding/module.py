@@ -140,11 +140,12 @@ class GroundingModule(nn.Module):
                                       nn.Linear(cfg.d_model, self.embed_dim))
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, guidance: bool = True,
+    def for_backbone(cls, backbone: Backbone, cfg_batch: bool = True,
                      config: GroundingConfig | None = None) -> "GroundingModule":
         """A module sized for ``backbone`` (channels from a dry run, text width, image size), on its device, fp32.
 
-        guidance: True when features come from classifier-free-guided generation (uncond + cond on channels).
+        cfg_batch: True when features come from classifier-free-guided generation (``guidance_scale != 1``:
+                   uncond + cond halves concatenated on channels).
         """
         if not backbone.is_conditional:
             raise ValueError(f"{backbone.name or 'this backbone'} has no text encoder; grounding needs text queries")
@@ -152,7 +153,7 @@ class GroundingModule(nn.Module):
         cfg = config or GroundingConfig()
         if cfg.template is None:
             cfg = replace(cfg, template=prompt_template(backbone))
-        return cls(feature_channels(backbone, guidance), text_dim, backbone.resolution, cfg).to(backbone.device)
+        return cls(feature_channels(backbone, cfg_batch), text_dim, backbone.resolution, cfg).to(backbone.device)
 
     # ------------------------------------------------------------------ forward
     def _check(self, features: dict[int, torch.Tensor], queries: torch.Tensor) -> int:
@@ -166,7 +167,7 @@ class GroundingModule(nn.Module):
             f = features[r]
             if f.ndim != 4 or f.shape[1] != self.channels[r] or tuple(f.shape[-2:]) != (r, r):
                 raise ValueError(f"features[{r}] has shape {tuple(f.shape)}, expected (N, {self.channels[r]}, {r}, {r})"
-                                 " -- channel counts differ when guidance is on/off (uncond + cond are concatenated)")
+                                 " -- channel counts differ with and without classifier-free guidance (uncond + cond are concatenated)")
             ns.add(f.shape[0])
         if len(ns) != 1:
             raise ValueError(f"feature batch sizes differ across resolutions: "

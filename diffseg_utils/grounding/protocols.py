@@ -32,6 +32,7 @@ from .features import generate_with_features
 from .labelers import GroundingLabeler, SegmenterLabeler
 from .module import GroundingModule, class_embeddings, query_template
 from .prompts import sample_prompt, sample_seed
+from ..inputs import renamed_arguments
 
 __all__ = ["ProtocolOneResult", "evaluate_on_generations", "GroundingLabeler", "fit_segmenter",
            "evaluate_segmenter", "harmonic"]
@@ -67,6 +68,7 @@ class ProtocolOneResult:
 
 
 @torch.no_grad()
+@renamed_arguments("guidance")
 def evaluate_on_generations(
     backbone: Backbone,
     module: GroundingModule,
@@ -77,7 +79,7 @@ def evaluate_on_generations(
     num_images: int = 64,
     seed: int = 10_000,
     num_steps: int = 20,
-    guidance: float = 5.0,
+    guidance_scale: float = 5.0,
     feature_step: int = -1,
     batch_size: int = 16,
     daam_threshold: float = 0.4,
@@ -105,8 +107,8 @@ def evaluate_on_generations(
         idx = range(s, min(s + batch_size, num_images))
         pn = [sample_prompt(class_names, i, seed, template=template) for i in idx]
         prompts, names = [p for p, _ in pn], [n for _, n in pn]
-        with CrossAttentionMaps(backbone, guidance=guidance != 1.0) as cam:
-            gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance=guidance,
+        with CrossAttentionMaps(backbone, cfg_batch=guidance_scale != 1.0) as cam:
+            gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                                          seed=[sample_seed(seed, i) for i in idx], feature_step=feature_step)
         size = gen.images.shape[-1]
         truth, valid = oracle(gen, names)                                                 # (n, M, H, W), (n, M)

@@ -49,6 +49,7 @@ from ..backbones import Backbone
 from .features import generate_with_features
 from .labelers import Labeler, labeler_config, weights_fingerprint
 from .prompts import MAX_CLASSES, check_template, prompt_template, sample_prompt, sample_seed
+from ..inputs import renamed_arguments
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
@@ -80,7 +81,7 @@ def resume_command(out_dir: str | Path, manifest: dict[str, Any]) -> str:
     m, lab = manifest, manifest["labeler"]
     cmd = (f"{SYNTH_COMMAND} --out {out_dir} --backbone {m['backbone']} --num-samples {m['num_samples']} "
            f"--shard-size {m['shard_size']} --seed {m['seed']} --num-steps {m['num_steps']} "
-           f"--guidance {m['guidance']} --feature-step {m['feature_step']} --classes {','.join(m['class_names'])} "
+           f"--guidance-scale {m['guidance']} --feature-step {m['feature_step']} --classes {','.join(m['class_names'])} "
            f"--labeler {lab.get('name', '?')} --template {json.dumps(m.get('template'))}")
     if lab.get("min_score", 0.05) != 0.05:
         cmd += f" --min-score {lab['min_score']}"
@@ -126,6 +127,7 @@ def num_shards(num_samples: int, shard_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------- synthesis
+@renamed_arguments("guidance")
 def synthesize(
     backbone: Backbone,
     labeler: Labeler,
@@ -136,7 +138,7 @@ def synthesize(
     shard_size: int = 64,
     seed: int = 0,
     num_steps: int = 50,
-    guidance: float = 5.0,
+    guidance_scale: float = 5.0,
     feature_step: int = -1,
     batch_size: int = 16,
     keep_features: bool = True,
@@ -177,7 +179,7 @@ def synthesize(
         raise ValueError(f"feature_step must be in [-{num_steps}, {num_steps - 1}], got {feature_step}")
     template = prompt_template(backbone) if template is None else check_template(template)
     cfg = _manifest(backbone, labeler, num_samples=num_samples, shard_size=shard_size, seed=seed,
-                    num_steps=num_steps, guidance=float(guidance), feature_step=feature_step,
+                    num_steps=num_steps, guidance=float(guidance_scale), feature_step=feature_step,
                     class_names=class_names, template=template, two_prob=float(two_prob),
                     keep_features=keep_features)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ def synthesize(
     for k in bar:
         lo, hi = k * shard_size, min((k + 1) * shard_size, num_samples)
         parts = [_generate_and_label(backbone, labeler, range(s, min(s + batch_size, hi)), class_names, seed,
-                                     num_steps, guidance, feature_step, template, two_prob, keep_features)
+                                     num_steps, guidance_scale, feature_step, template, two_prob, keep_features)
                  for s in range(lo, hi, batch_size)]
         shard = _concat(parts)
         shard.update(shard=k, rank=rank, world_size=world_size)
@@ -208,14 +210,14 @@ def synthesize(
     return [shard_path(out_dir, k) for k in mine]
 
 
-def _generate_and_label(backbone, labeler, indices: range, class_names, seed, num_steps, guidance, feature_step,
+def _generate_and_label(backbone, labeler, indices: range, class_names, seed, num_steps, guidance_scale, feature_step,
                         template, two_prob, keep_features) -> dict[str, Any]:
     drawn = [sample_prompt(class_names, i, seed, template, two_prob) for i in indices]
     prompts, names = [p for p, _ in drawn], [ns for _, ns in drawn]
     if any(len(ns) > MAX_CLASSES for ns in names):
         raise ValueError(f"a prompt names more than MAX_CLASSES={MAX_CLASSES} classes")
     seeds = [sample_seed(seed, i) for i in indices]
-    gb = generate_with_features(backbone, prompts, num_steps=num_steps, guidance=guidance, seed=seeds,
+    gb = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seeds,
                                 feature_step=feature_step)
     masks, valid = labeler(gb, names)
     n, (h, w) = len(prompts), gb.images.shape[-2:]

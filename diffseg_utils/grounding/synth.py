@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--num-steps", type=int, default=50, help="DDIM steps (paper: 50)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (paper, training: 5.0)")
+    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=5.0,
+                   help="classifier-free guidance scale (paper, training: 5.0)")
     p.add_argument("--feature-step", type=int, default=-1, help="DDIM step whose features are kept (-1 = last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="images per generation call (does not change the data)")
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, state) -> None:
-    from ..backbones import load_backbone
+    from ..loading import load_backbone
 
     rank, world = state.process_index, state.num_processes
     device = torch.device("cpu") if args.use_cpu else state.device
@@ -118,7 +119,7 @@ def _run(args: argparse.Namespace, state) -> None:
         args.grounding_ckpt = Path(defaults.CHECKPOINT)
     labeler = labelers[name](args, backbone)
     paths = synthesize(backbone, labeler, args.out, num_samples=args.num_samples, class_names=args.class_names,
-                       shard_size=args.shard_size, seed=args.seed, num_steps=args.num_steps, guidance=args.guidance,
+                       shard_size=args.shard_size, seed=args.seed, num_steps=args.num_steps, guidance_scale=args.guidance_scale,
                        feature_step=args.feature_step, batch_size=args.batch_size,
                        keep_features=not args.no_features, template=args.template, two_prob=args.two_prob,
                        rank=rank, world_size=world, barrier=state.wait_for_everyone if world > 1 else None,

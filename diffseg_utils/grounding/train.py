@@ -55,7 +55,7 @@ def train_grounding(
     if not shards.resolutions:
         raise ValueError(f"{shards.out_dir} holds no features (synthesised with keep_features=False / --no-features); "
                          "synthesise the training set with features")
-    ids, valid = shards.class_ids, shards.valid
+    ids = shards.class_ids
     if int(ids.max()) >= queries.shape[0]:
         raise ValueError(f"shards use class id {int(ids.max())} but only {queries.shape[0]} class queries were given")
     dev = next(module.parameters()).device
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                          "template (python -m diffseg_utils.grounding.synth ...)")
     make_cfg = getattr(defaults, "module_config", None)
     cfg = make_cfg() if a.config == "defaults" and make_cfg is not None else GroundingConfig()
-    module = GroundingModule.for_backbone(bb, guidance=shards.manifest["guidance"] != 1.0, config=cfg)
+    module = GroundingModule.for_backbone(bb, cfg_batch=shards.manifest["guidance"] != 1.0, config=cfg)
     queries = class_embeddings(bb, shards.class_names, module.config.template)
     t0 = time.time()
     hist = train_grounding(module, shards, queries, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,

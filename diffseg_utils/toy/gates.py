@@ -66,7 +66,7 @@ def sample_plausibility(backbone: Backbone, oracle, n: int = 32, *, num_steps: i
     ids = torch.tensor([PARTS.index(p) + 1 for p in MAIN_PARTS])
     found = []
     for s in range(0, n, batch_size):
-        imgs = generate(backbone, min(batch_size, n - s), num_steps=num_steps, guidance=1.0, seed=seed + s)
+        imgs = generate(backbone, min(batch_size, n - s), num_steps=num_steps, guidance_scale=1.0, seed=seed + s)
         lab = oracle.predict_labels(imgs).cpu()
         area = torch.stack([(lab == int(c)).sum((1, 2)) for c in ids], 1)
         found.append(area >= min_pixels)
@@ -78,7 +78,7 @@ def sample_plausibility(backbone: Backbone, oracle, n: int = 32, *, num_steps: i
 def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int = 32, seed: int = 0,
                timesteps: tuple[int, ...] = (25, 50, 150), oracle_dir: Path | None = None) -> dict:
     """Measure every pixel-DDPM checkpoint in ``work`` against the pipeline in ``out`` (see module doc)."""
-    from ..backbones import load_backbone, untrained_like
+    from ..loading import load_backbone, untrained_like
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
     from .quality import fewshot_probe, fewshot_probe_rgb

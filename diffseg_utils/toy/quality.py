@@ -41,7 +41,7 @@ def fidelity_prompts(n: int, seed: int = 0, max_objects: int = 2) -> tuple[list[
 
 
 @torch.no_grad()
-def prompt_fidelity(backbone: Backbone, oracle, n: int = 64, *, guidance: float = 5.0, num_steps: int = 25,
+def prompt_fidelity(backbone: Backbone, oracle, n: int = 64, *, guidance_scale: float = 5.0, num_steps: int = 25,
                     seed: int = 0, max_objects: int = 2, batch_size: int = 32) -> dict:
     """Fraction of generated images in which the oracle finds *every* prompted category.
 
@@ -50,14 +50,14 @@ def prompt_fidelity(backbone: Backbone, oracle, n: int = 64, *, guidance: float 
     prompts, classes = fidelity_prompts(n, seed, max_objects)
     all_found, hits, total = 0, 0, 0
     for s in range(0, n, batch_size):
-        imgs = generate(backbone, prompts[s:s + batch_size], num_steps=num_steps, guidance=guidance, seed=seed * 100_000 + s)
+        imgs = generate(backbone, prompts[s:s + batch_size], num_steps=num_steps, guidance_scale=guidance_scale, seed=seed * 100_000 + s)
         found = oracle(imgs).scores > 0  # (b, K)
         for row, cls in zip(found, classes[s:s + batch_size]):
             ok = [bool(row[c - 1]) for c in cls]
             hits += sum(ok)
             total += len(ok)
             all_found += all(ok)
-    return {"all_found": all_found / n, "object_hit_rate": hits / total, "n": n, "guidance": guidance}
+    return {"all_found": all_found / n, "object_hit_rate": hits / total, "n": n, "guidance_scale": guidance_scale}
 
 
 @dataclass
@@ -192,7 +192,7 @@ def _met(value: float, target: str) -> bool:
     return value >= float(target.split()[-1])
 
 
-def quality_report(backbone: Backbone, *, seed: int = 0, n_fidelity: int = 64, guidance: float = 5.0,
+def quality_report(backbone: Backbone, *, seed: int = 0, n_fidelity: int = 64, guidance_scale: float = 5.0,
                    num_steps: int = 25, n_samples: int = 64) -> dict | None:
     """The measured quality of a shipped toy model against its targets (:data:`TARGETS`), or None.
 
@@ -204,7 +204,7 @@ def quality_report(backbone: Backbone, *, seed: int = 0, n_fidelity: int = 64, g
     Returns ``{"dataset", "rows": [(name, value, target or None, met or None)], "probes": {...}}``;
     None for any other backbone (real checkpoints have no such gates).
     """
-    from ..backbones import untrained_like
+    from ..loading import untrained_like
     from ..registry import DATA_DIR
 
     world = {"toy-shapes": "shapes", "toy-faces": "faces"}.get(getattr(backbone, "dataset", None))
@@ -217,7 +217,7 @@ def quality_report(backbone: Backbone, *, seed: int = 0, n_fidelity: int = 64, g
 
         rows.append(("vae_psnr_db", reconstruction_psnr(backbone, n=64)))
         fid = prompt_fidelity(backbone, OracleSegmenter.load(DATA_DIR / "oracle", device=backbone.device),
-                              n=n_fidelity, guidance=guidance, num_steps=num_steps, seed=seed)
+                              n=n_fidelity, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed)
         rows += [("prompt_fidelity", fid["all_found"]), ("object_hit_rate", fid["object_hit_rate"])]
         kw: dict = {"seed": seed}
     else:

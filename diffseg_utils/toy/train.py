@@ -325,20 +325,20 @@ def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = Non
 
 
 def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_steps: int = 20,
-         guidance: float = 5.0, seed: int = 0, oracle_dir: Path | None = None) -> dict:
+         guidance_scale: float = 5.0, seed: int = 0, oracle_dir: Path | None = None) -> dict:
     """Measure every ``unet_<step>.pt`` and ``unet.pt`` in ``work`` on the pipeline in ``out``.
 
     Per checkpoint: prompt fidelity (``n_fidelity`` generations, the oracle) and the few-shot
     probe of notebook 00 (:func:`~diffseg_utils.toy.quality.fewshot_probe`); once: the same probe
     on an untrained UNet (at its own best place) and on raw RGB. Results accumulate in ``out/gates.json``.
     """
-    from ..backbones import load_backbone, untrained_like
+    from ..loading import load_backbone, untrained_like
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
     from .gates import open_record, unmeasured_checkpoints
     from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb, prompt_fidelity
 
-    protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance, "seed": seed,
+    protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance_scale, "seed": seed,
                 "place": "best ridge probe on validation images"}
     path = out / "gates.json"
     rec = open_record(path, protocol)
@@ -351,7 +351,7 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
     for step, ckpt in tqdm(unmeasured_checkpoints(work, "unet", rec).items(), desc="gate"):
         t0 = time.time()
         bb = backbone_from_checkpoint(base, ckpt)
-        fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance=guidance, num_steps=num_steps, seed=seed)
+        fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed)
         probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed).as_dict()
         rec["checkpoints"].append({"step": step, "fidelity_all_found": fid["all_found"],
                                    "object_hit_rate": fid["object_hit_rate"], **{f"probe_{k}": v for k, v in probe.items()},
