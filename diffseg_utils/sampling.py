@@ -58,15 +58,16 @@ def generate(
         if use_cfg:
             cond = torch.cat([backbone.empty_prompt(n), cond])
     g = torch.Generator(device="cpu").manual_seed(seeds[0])
-    for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
+    timesteps = sched.timesteps.tolist()  # one host copy here, not a device sync per step
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         xin = torch.cat([x, x]) if use_cfg else x
-        out = backbone.unet_forward(xin, int(t), cond)   # epsilon, v or x0: sched.step converts
+        out = backbone.unet_forward(xin, t, cond)   # epsilon, v or x0: sched.step converts
         if use_cfg:
             o_u, o_c = out.chunk(2)
             out = o_u + guidance_scale * (o_c - o_u)
         x = sched.step(out, t, x, eta=eta, generator=g if eta > 0 else None).prev_sample
         if callback is not None:
-            callback(i, int(t), x, out)
+            callback(i, t, x, out)
     return x if return_latents else backbone.decode(x).clamp(-1, 1)
 
 

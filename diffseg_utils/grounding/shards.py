@@ -386,8 +386,8 @@ class GroundingShards:
 
         Returns ``features`` {res: (B, C, r, r) fp16} (when kept and ``features=True``), ``masks``
         (B, M, H, W) bool, ``valid`` (B, M) bool, ``class_ids`` (B, M) long and, with
-        ``images=True``, ``images`` (B, 3, R, R) uint8; on ``device`` (default CPU). Only the
-        requested rows are read from disk.
+        ``images=True``, ``images`` (B, 3, R, R) uint8; on ``device`` (default CPU; to CUDA through
+        pinned memory, asynchronously). Only the requested rows are read from disk.
         """
         idx = torch.as_tensor(idx, dtype=torch.long).flatten()
         part, row = self._locate(idx)
@@ -399,8 +399,12 @@ class GroundingShards:
         if images:
             out["images"] = self._gather(lambda s: s["images"], part, row)
         if device is not None:
-            out = {k: ({r: f.to(device) for r, f in v.items()} if isinstance(v, dict) else v.to(device))
-                   for k, v in out.items()}
+            dev = torch.device(device)
+            if dev.type == "cuda":  # page-locked, asynchronous: the copy overlaps the GPU's work on the last batch
+                move = lambda t: t.pin_memory().to(dev, non_blocking=True)  # noqa: E731
+            else:
+                move = lambda t: t.to(dev)  # noqa: E731
+            out = {k: ({r: move(f) for r, f in v.items()} if isinstance(v, dict) else move(v)) for k, v in out.items()}
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
