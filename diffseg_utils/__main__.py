@@ -113,8 +113,6 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
     ``notebooks/`` folder itself to refresh the committed outputs), recorded numbers to
     ``<results>/<run>/metrics/`` and ``summary.md``.
     """
-    import papermill as pm
-
     params = dict(params or {})
     if backbone:
         params["BACKBONE"] = backbone
@@ -127,6 +125,23 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
     if not nbs:
         raise SystemExit(f"no notebooks match {selected}; available: {[p.stem for p in notebooks()]}")
     os.environ["DIFFSEG_RESULTS"] = str(root)
+    # the kernels inherit this environment: a headless shell's MPLBACKEND=Agg would leave every executed
+    # notebook without its figures, so the kernels get the notebook backend whatever the shell set
+    backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        return _run_notebooks(nbs, root, out_dir, params, timeout, progress, backbone, dataset)
+    finally:
+        if backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = backend
+
+
+def _run_notebooks(nbs: list[Path], root: Path, out_dir: Path, params: dict, timeout: int, progress: bool,
+                   backbone: str | None, dataset: str | None) -> Path:
+    import papermill as pm
+
     sections = []
     t_all = time.time()
     for i, p in enumerate(nbs, 1):

@@ -6,6 +6,7 @@ the committed full-size run (docs/runs/toy-faces-ddpm__toy-faces). Notebook 02 r
 two label counts): its self-check has no committed numbers for that setting, so this test checks what
 DDPM-Seg claims on the recorded numbers themselves, with margins half the gaps measured at full size."""
 import json
+import os
 
 import pytest
 
@@ -25,6 +26,10 @@ def test_notebooks_run_on_the_faces_pixel_ddpm(tmp_path):
     for nb in sorted((root / "notebooks").glob("*.ipynb")):
         out = _self_check_output(nb)
         assert ": ok" in out and "differs" not in out, f"{nb.name}: self-check did not pass:\n{out}"
+        # figures come back even when this process's MPLBACKEND is a headless one (CI sets Agg)
+        figures = sum("image/png" in o.get("data", {}) for c in json.loads(nb.read_text())["cells"]
+                      for o in c.get("outputs", []))
+        assert figures >= 2, f"{nb.name}: {figures} figures in the executed notebook (MPLBACKEND={os.environ.get('MPLBACKEND')})"
     root = reproduce(["02"], backbone="toy-faces-ddpm", dataset="toy-faces", results=tmp_path, progress=False,
                      params={"N_SPLITS": 1, "LABEL_SIZES": [2, 20]})
     m = {k: v["value"] for k, v in json.loads((root / "metrics" / "02_few_shot_segmentation.json").read_text()).items()}
