@@ -104,6 +104,21 @@ def clean_outputs(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+@contextlib.contextmanager
+def _notebook_plot_backend():
+    """The kernels inherit this process's environment: a headless shell's ``MPLBACKEND=Agg`` would leave
+    every executed notebook without its figures, so they get the notebook backend; restored after."""
+    before = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = before
+
+
 def reproduce(selected: list[str] | None = None, *, backbone: str | None = None, dataset: str | None = None,
               params: dict | None = None, timeout: int = 1800, results: Path | None = None,
               progress: bool = True, out_dir: Path | None = None) -> Path:
@@ -113,6 +128,8 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
     ``notebooks/`` folder itself to refresh the committed outputs), recorded numbers to
     ``<results>/<run>/metrics/`` and ``summary.md``.
     """
+    import papermill as pm
+
     params = dict(params or {})
     if backbone:
         params["BACKBONE"] = backbone
@@ -125,23 +142,6 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
     if not nbs:
         raise SystemExit(f"no notebooks match {selected}; available: {[p.stem for p in notebooks()]}")
     os.environ["DIFFSEG_RESULTS"] = str(root)
-    # the kernels inherit this environment: a headless shell's MPLBACKEND=Agg would leave every executed
-    # notebook without its figures, so the kernels get the notebook backend whatever the shell set
-    backend = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    try:
-        return _run_notebooks(nbs, root, out_dir, params, timeout, progress, backbone, dataset)
-    finally:
-        if backend is None:
-            os.environ.pop("MPLBACKEND", None)
-        else:
-            os.environ["MPLBACKEND"] = backend
-
-
-def _run_notebooks(nbs: list[Path], root: Path, out_dir: Path, params: dict, timeout: int, progress: bool,
-                   backbone: str | None, dataset: str | None) -> Path:
-    import papermill as pm
-
     sections = []
     t_all = time.time()
     for i, p in enumerate(nbs, 1):
@@ -154,7 +154,7 @@ def _run_notebooks(nbs: list[Path], root: Path, out_dir: Path, params: dict, tim
         print(f"[{i}/{len(nbs)}] {section} ({', '.join(f'{k}={v!r}' for k, v in params.items()) or 'defaults'})",
               flush=True)
         t0 = time.time()
-        with warnings.catch_warnings(), _quiet_kernel_stderr():
+        with warnings.catch_warnings(), _quiet_kernel_stderr(), _notebook_plot_backend():
             warnings.simplefilter("ignore")
             pm.execute_notebook(str(p), str(out_dir / p.name), parameters=params, cwd=str(p.parent),
                                 kernel_name="python3", progress_bar=progress, execution_timeout=timeout,
