@@ -17,17 +17,23 @@ Prints, in one run:
                  multiple of steps). Ours twice: pixel table (the default when the training
                  pixels' features fit in ``cache_bytes``) and interpolating every batch (what a
                  full 20-image training set at 256x256 falls back to).
-  2. memory of training on 20 images at 256x256 with the google DDPM-256 topology's features
+  2. with --breakdown: where one training step's time goes at the full 8448 dims, for one member
+     of DDPM-Seg's loop and for our 10 stacked members: the first layer's forward matmul, its
+     weight-gradient matmul and Adam's update of its weights (the arithmetic every faithful loop
+     must do), against the whole step. The sum of those three parts bounds the speed-up any loop
+     doing the same arithmetic can reach over DDPM-Seg's loop.
+  3. memory of training on 20 images at 256x256 with the google DDPM-256 topology's features
      (blocks {5,6,7,8,12} x t {50,150,250} = 4224 dims; random values and labels): our
      lazy store + measured training peak vs DDPM-Seg's dense fp32 pixel matrix, whose size is
      computed from the shapes (20 x 4224 x 256 x 256 x 4 bytes), never allocated.
 
-    OMP_NUM_THREADS=1 python benchmarks/ensemble.py [--settings bench notebook full] [--lean] [--skip-memory]
+    OMP_NUM_THREADS=2 python benchmarks/ensemble.py [--settings bench notebook full] [--lean] [--breakdown]
+                                                    [--skip-memory]
 
 Ratios are measured in one process, so they hold for the thread count it runs with (printed);
-with OMP_NUM_THREADS=1 the whole run takes a few minutes. Both wall time and this process's CPU
-time are printed: on a machine shared with other jobs the CPU-time ratio (one thread) is the
-steadier figure, since preemption inflates wall time unevenly.
+with OMP_NUM_THREADS=2 the whole run (all three parts, --lean) took 4 minutes on 2 cores. Both wall
+time and this process's CPU time are printed: on a machine shared with other jobs the CPU-time ratio
+is the steadier figure, since preemption inflates wall time unevenly.
 """
 from __future__ import annotations
 
@@ -184,23 +190,120 @@ def setting(name: str):
     raise ValueError(f"unknown setting {name!r}; choose from bench, notebook, full")
 
 
-def rss_mib() -> float:
+def _median_seconds(fn, reps: int = 7) -> float:
+    fn()  # warm-up: first-touch page faults and kernel selection
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
+
+
+def breakdown(dim: int = 8448, num_classes: int = 34, members: int = 10) -> None:
+    """Part 2: one training step at ``dim`` dims, taken apart (median of 7 timed repeats each)."""
+    from diffseg_utils.pixel_classifier import _Adam, _fused_adam_works, _train_step
+
+    cfg = EnsembleConfig(num_classes=num_classes, num_members=members)
+    (h1, _), B, E = cfg.widths(), cfg.batch_size, members
+    g = torch.Generator().manual_seed(0)
+    x1, y1 = torch.randn(B, dim, generator=g), torch.randint(0, num_classes, (B,), generator=g)
+    dz1 = torch.randn(B, h1, generator=g)
+    w1, b1 = torch.randn(dim, h1, generator=g) * 0.02, torch.zeros(h1)
+    gw1 = torch.empty_like(w1)
+    adam1 = _Adam([w1], cfg.lr, _fused_adam_works(torch.device("cpu")))
+    net, opt = _member(dim, cfg, 0)
+    net.train()
+
+    def ref_step():
+        opt.zero_grad()
+        out = net(x1)
+        loss = F.cross_entropy(out, y1)
+        loss.backward(); opt.step()
+        loss.item()
+
+    ref = {"whole step (nn.Sequential + autograd + torch.optim.Adam, DDPM-Seg's loop without its DataLoader)":
+           _median_seconds(ref_step),
+           f"first layer forward matmul ({B} x {dim} @ {dim} x {h1})": _median_seconds(
+               lambda: torch.addmm(b1, x1, w1)),
+           f"first layer weight gradient ({dim} x {B} @ {B} x {h1})": _median_seconds(
+               lambda: torch.mm(x1.T, dz1, out=gw1)),
+           "Adam on the first layer's weights": _median_seconds(lambda: adam1.step([w1], [gw1]))}
+    ours_member = PixelEnsemble(cfg, dim)
+    P = [t.clone() for t in ours_member.params()]
+    R = [t.clone() for t in ours_member.running_mean + ours_member.running_var]
+    gw = [torch.empty_like(w) for w in P[:3]]
+    xE, yE = torch.randn(E, B, dim, generator=g), torch.randint(0, num_classes, (E, B), generator=g)
+    dzE = torch.randn(E, B, h1, generator=g)
+    adamE = _Adam(P, cfg.lr, _fused_adam_works(torch.device("cpu")))
+    adamW = _Adam([P[0]], cfg.lr, _fused_adam_works(torch.device("cpu")))
+
+    def our_step():
+        _, grads = _train_step(P, R, xE, yE, cfg, gw_out=gw)
+        adamE.step(P, grads)
+
+    ours = {"whole step (stacked members, hand-written backward, fused Adam)": _median_seconds(our_step),
+            "first layer forward matmul (batched)": _median_seconds(lambda: torch.baddbmm(P[3], xE, P[0])),
+            "first layer weight gradient (batched)": _median_seconds(
+                lambda: torch.bmm(xE.transpose(1, 2), dzE, out=gw[0])),
+            "Adam on the first layer's weights": _median_seconds(lambda: adamW.step([P[0]], [gw[0]]))}
+    r_whole, r_parts = list(ref.values())[0], sum(list(ref.values())[1:])
+    o_whole, o_parts = list(ours.values())[0], sum(list(ours.values())[1:])
+    print(f"where a training step's time goes at {dim} dims, h1 = {h1}, batch {B} ({torch.get_num_threads()} threads; "
+          f"median of 7):")
+    print(f"  DDPM-Seg's loop, one member; x {E} for {E} members:")
+    for k, v in ref.items():
+        print(f"    {1e3 * v:8.2f} ms  x{E} = {1e3 * E * v:8.1f} ms  {k}")
+    print(f"  ours, {E} members in one step:")
+    for k, v in ours.items():
+        print(f"    {1e3 * v:8.2f} ms  {k}")
+    print(f"  the first layer's forward + weight gradient + Adam is {r_parts / r_whole:.0%} of DDPM-Seg's step and "
+          f"{o_parts / o_whole:.0%} of ours;")
+    print(f"  measured speed-up per step {E * r_whole / o_whole:.1f}x; bound for any loop that does this arithmetic "
+          f"(DDPM-Seg's {E} steps / {E} x those three parts): {r_whole / r_parts:.1f}x")
+
+
+def _status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (Linux); ru_maxrss where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reset_peak() -> None:
+    """Free what the allocator holds and reset the kernel's RSS high-water mark (``clear_refs`` 5), so the
+    peak read afterwards belongs to what runs next, not to building the test data."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def memory() -> None:
-    """Part 2. Runs first: ru_maxrss is a high-water mark, which the timing runs' buffers would mask."""
+    """Part 3: RSS growth of one fit on 20 images at 256x256, against the dense matrix's size from shapes."""
     fm = FeatureMaps(_maps(GOOGLE_BLOCKS, 20, (50, 150, 250), torch.Generator().manual_seed(0), torch.float16),
                      (256, 256))
     labs = torch.randint(0, 28, (20, 256, 256))
     store = fm.nbytes()
-    mid = rss_mib()
+    _reset_peak()
+    mid = _status_mib("VmRSS")
     PixelEnsemble(EnsembleConfig(num_classes=28, max_steps=200), fm.channels).fit(fm, labs, progress=False)
-    peak = rss_mib()
+    grow = max(0.0, _status_mib("VmHWM") - mid)
     dense = 20 * fm.channels * 256 * 256 * 4
-    ours = store + max(0.0, peak - mid) * 2**20
-    print(f"memory: 20 images 256x256, {fm.channels} dims (DDPM-256 topology, blocks 5,6,7,8,12 x 3 t)")
-    print(f"  lazy store {store / 2**20:.0f} MiB + training peak {max(0.0, peak - mid):.0f} MiB (measured RSS growth)")
+    ours = store + grow * 2**20
+    print(f"memory: 20 images 256x256, {fm.channels} dims (DDPM-256 topology, blocks 5,6,7,8,12 x 3 t), 200 batches")
+    print(f"  lazy store {store / 2**20:.0f} MiB + training peak {grow:.0f} MiB (measured: RSS high-water mark above "
+          f"the RSS before the fit)")
     print(f"  DDPM-Seg dense fp32 matrix: {dense / 2**30:.1f} GiB (20 x {fm.channels} x 256 x 256 x 4 B, from shapes)")
     print(f"  memory ratio dense / ours: {dense / ours:.0f}x")
 
@@ -209,10 +312,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=["bench", "notebook", "full"])
     ap.add_argument("--lean", action="store_true", help="also time the trimmed sequential loop")
+    ap.add_argument("--breakdown", action="store_true", help="take one 8448-dim training step apart (part 2)")
     ap.add_argument("--skip-memory", action="store_true")
     a = ap.parse_args()
     if not a.skip_memory:
         memory()
+    if a.breakdown:
+        breakdown()
 
     print(f"timing ({torch.get_num_threads()} threads; 10 members; identical features, initial weights, "
           f"batch orders and stopping rule on both sides)")

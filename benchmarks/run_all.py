@@ -23,12 +23,13 @@ For each method and each size of its work (images, K) it measures, in this one p
     log-log plot per method (``scaling_<method>_<device>.png``).
 Where a ratio exceeds 1.2 the call is profiled (cProfile, during the timed run) and the functions
 holding the time are listed. Results go to stdout and to ``results.md`` in ``--out-dir`` (one section
-per device and dtype, replaced on a rerun).
+per device, dtype and ``--only`` set, replaced on a rerun of the same).
 
 CPU runs use reduced step counts where a method's cost is a fixed multiple of its steps (printed):
 EmerDiff 1 DDIM step below t_m (the paper: 50 steps over [0, 1000], about 15 below t_m = 281),
-generation 2 steps (paper 50), the MLP ensemble a capped number of batches. The ratios do not
-depend on the step count, since every step is the same UNet call.
+generation 2 steps (paper 50), the MLP ensemble a capped number of batches. ``ratio+vae`` does not
+depend on the step count (every step is the same UNet call); the UNet-only ``ratio`` does: the VAE
+work per image is fixed, so with 2 steps instead of 50 it weighs ~25x more than at the paper's steps.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from diffseg_utils.backbones import Backbone  # noqa: E402
 from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config  # noqa: E402
 
 GOAL = 1.2
+METHODS = ["features", "ddpmseg", "emerdiff", "daam", "grounding", "synthesis"]  # what --only can pick
 ADM_BLOCKS, ADM_TIMESTEPS = [5, 6, 7, 8, 12], [50, 150, 250]
 
 
@@ -575,27 +577,37 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
 
 # ---------------------------------------------------------------------------- report
 def plot(m: Method, path: Path) -> None:
+    """Log-log plot of time (with the unavoidable model time beneath it) and peak memory against the work."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
     pts = sorted(m.points, key=lambda p: p.work)
     w = [p.work for p in pts]
-    fig, ax = plt.subplots(figsize=(3.4, 2.5), dpi=80)
-    ax.loglog(w, [p.seconds for p in pts], "o-", label=f"time (slope {m.exponent('seconds'):.2f})")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(6.4, 2.6), dpi=100)
+    ax.loglog(w, [p.seconds for p in pts], "o-", label=f"wall time (slope {m.exponent('seconds'):.2f})")
     if any(p.unet_seconds for p in pts):
-        ax.loglog(w, [p.unet_seconds for p in pts], "k--", lw=0.8, label="bare UNet x evals")
-    ax2 = ax.twinx()
-    ax2.set_yscale("log")
-    ax2.plot(w, [max(p.peak, 1) / 2**20 for p in pts], "s:", color="C1", label=f"peak MiB (slope {m.exponent('peak'):.2f})")
-    ax.set_xlabel(m.work_label)
+        ax.loglog(w, [p.unet_seconds + p.vae_seconds for p in pts], "k--", lw=0.8,
+                  label="bare UNet x evals" + (" + VAE" if any(p.vae_seconds for p in pts) else ""))
     ax.set_ylabel("seconds")
-    ax2.set_ylabel("MiB", color="C1")
-    ax.set_title(m.name, fontsize=9)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper left")
+    ax2.loglog(w, [max(p.peak, 1) / 2**20 for p in pts], "s-", color="C1",
+               label=f"peak (slope {m.exponent('peak'):.2f})")
+    ax2.loglog(w, [max(p.must_hold, 1) / 2**20 for p in pts], "^:", color="C2", label="must hold (from shapes)")
+    ax2.set_ylabel("MiB")
+    for a in (ax, ax2):
+        a.set_xlabel(m.work_label)
+        a.xaxis.set_major_locator(FixedLocator(w))
+        a.xaxis.set_major_formatter(ScalarFormatter())
+        a.xaxis.set_minor_locator(NullLocator())
+        a.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        a.yaxis.set_major_formatter(ScalarFormatter())
+        a.yaxis.set_minor_formatter(NullFormatter())
+        a.legend(fontsize=7, loc="best")
+    ax.yaxis.set_major_locator(FixedLocator([p.seconds for p in pts]))   # label the measured times themselves
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    fig.suptitle(m.name, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -645,9 +657,16 @@ def report(methods: list[Method], env: dict, plan: dict, args, out_dir: Path) ->
     return "\n".join(lines) + "\n"
 
 
+def section_key(device: torch.device, dtype: torch.dtype, quick: bool, only: set[str]) -> str:
+    """The results.md section a run writes: one per device, dtype, --quick and --only set, so a run of
+    some methods never replaces a whole run's section (nor another subset's)."""
+    key = f"{device.type}-{str(dtype).replace('torch.', '')}{'-quick' if quick else ''}"
+    return key if set(only) == set(METHODS) else key + "-only-" + "+".join(m for m in METHODS if m in only)
+
+
 def write_results(section: str, key: str, path: Path) -> None:
-    head = ("# Benchmark results (benchmarks/run_all.py)\n\nOne section per device and dtype; a rerun replaces "
-            "its own section. Random weights at the real topologies (speed and memory do not depend on them).\n\n")
+    head = ("# Benchmark results (benchmarks/run_all.py)\n\nOne section per device, dtype and --only set; a rerun "
+            "replaces its own section. Random weights at the real topologies (speed and memory do not depend on them).\n\n")
     text = path.read_text() if path.exists() else head
     start, end = f"<!-- run:{key} -->", f"<!-- end:{key} -->"
     block = f"{start}\n{section}{end}\n"
@@ -673,12 +692,14 @@ PLANS = {
     "quick": dict(feature_images=[1, 2], feature_batch=1, ensemble_steps=5, predict_images=[1], emerdiff_K=[2, 4],
                   emerdiff_steps=2, gen_images=[1, 2], gen_steps=2, synth_samples=[1, 2], synth_batch=2, train_steps=2,
                   repeats=1, max_bare_batch=4, reduced="toy-size models (--quick)"),
-    # full topologies on a CPU: ~20 minutes on 2 cores
-    "cpu": dict(feature_images=[1, 2, 4], feature_batch=1, ensemble_steps=100, predict_images=[1, 2], emerdiff_K=[10, 40],
+    # full topologies on a CPU, float32: 47 minutes on 2 cores (EmerDiff's K = 10 skipped by the default
+    # budget; it takes another ~25 minutes with --only emerdiff)
+    "cpu": dict(feature_images=[1, 2, 4], feature_batch=1, ensemble_steps=100, predict_images=[1, 2], emerdiff_K=[5, 10],
                 emerdiff_steps=1, gen_images=[1, 2], gen_steps=2, synth_samples=[2, 4], synth_batch=2, train_steps=5,
                 repeats=1, max_bare_batch=4,
                 reduced="EmerDiff num_steps=1 (2 UNet steps per modulated run: t_m = 281 and 1; the paper "
-                        "denoises 50-step DDIM from t_m, ~16 steps); generation 2 DDIM steps (paper 50); the ensemble "
+                        "denoises 50-step DDIM from t_m, ~16 steps) at K = 5 and 10 (the GPU plan: 10, 20, 40; "
+                        "each K costs 2K VAE decodes of ~30 s at 512x512 on 2 cores); generation 2 DDIM steps (paper 50); the ensemble "
                         "100 batches (paper: to early stopping); bare forwards timed at batch <= 4 (per-image cost "
                         "is flat in the batch on a CPU)"),
     "cuda": dict(feature_images=[2, 4, 8], feature_batch=8, ensemble_steps=1000, predict_images=[2, 4], emerdiff_K=[10, 20, 40],
@@ -695,12 +716,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="backbone dtype (default: float16 on CUDA, float32 elsewhere)")
     ap.add_argument("--quick", action="store_true", help="toy-size models, a few seconds (smoke test)")
     ap.add_argument("--only", nargs="*", default=None,
-                    choices=["features", "ddpmseg", "emerdiff", "daam", "grounding", "synthesis"])
+                    choices=METHODS)
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
                     help="where results.md and the plots go (default: benchmarks/)")
     ap.add_argument("--profile-all", action="store_true", help="profile every timed run, not only the first size")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run (CPU default 1200): EmerDiff's larger K are skipped when they "
+                    help="seconds for the whole run (CPU default 3000): EmerDiff's larger K are skipped when they "
                          "would overrun it")
     ap.add_argument("--json", type=Path, default=None, help="also write every measured point to this JSON file")
     a = ap.parse_args(argv)
@@ -708,12 +729,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     plan = dict(PLANS["quick" if a.quick else ("cuda" if device.type == "cuda" else "cpu")])
-    budget = a.budget if a.budget is not None else (1200.0 if device.type == "cpu" and not a.quick else None)
-    only = set(a.only or ["features", "ddpmseg", "emerdiff", "daam", "grounding", "synthesis"])
+    budget = a.budget if a.budget is not None else (3000.0 if device.type == "cpu" and not a.quick else None)
+    only = set(a.only or METHODS)
     bare = Bare(device, plan["repeats"], plan["max_bare_batch"])
     a.out_dir.mkdir(parents=True, exist_ok=True)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    env = {"key": f"{device.type}-{str(dtype).replace('torch.', '')}{'-quick' if a.quick else ''}",
+    env = {"key": section_key(device, dtype, a.quick, only),
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "machine": f"{dev_name}; {os.cpu_count()} CPU(s) visible; {platform.platform()}",
            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "load0": os.getloadavg()[0]}

@@ -1,7 +1,7 @@
 """benchmarks/run_all.py at toy size (--quick): every method runs, every figure is reported.
 
-The full-size run (``python benchmarks/run_all.py``) takes ~20 minutes on a CPU and is not part of
-the test suite; this checks the command itself: each method's row, its UNet evaluation count against
+The full-size run (``python benchmarks/run_all.py``) takes ~47 minutes on a 2-core CPU in float32 and
+is not part of the test suite; this checks the command itself: each method's row, its UNet evaluation count against
 the UNet calls actually made, the growth exponents, the plots and the results.md section.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["features", "ddpmseg-fit", "ddpmseg-predict", "emerdiff", "daam", "grounding", "synthesis",
@@ -79,3 +80,32 @@ def test_results_section_is_replaced_on_rerun(tmp_path):
     text = path.read_text()
     assert "second cpu" in text and "first cuda" in text and "first cpu" not in text
     assert text.count("<!-- run:cpu-float32 -->") == 1
+
+
+def test_a_run_of_some_methods_keeps_its_own_section():
+    """``--only`` runs (how a slow CPU run is split) must not replace the whole run's section, nor each other's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from run_all import METHODS as ALL, section_key
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert section_key(cpu, f32, False, set(ALL)) == "cpu-float32"
+    sd = section_key(cpu, f32, False, {"emerdiff", "daam"})
+    adm = section_key(cpu, f32, False, {"ddpmseg", "features"})
+    assert sd == "cpu-float32-only-emerdiff+daam" and adm == "cpu-float32-only-features+ddpmseg"
+    assert section_key(cpu, f32, True, {"daam"}) == "cpu-float32-quick-only-daam"
+
+
+def test_ensemble_breakdown_runs_at_toy_width(capsys):
+    """``benchmarks/ensemble.py --breakdown`` takes a step apart; here at 64 dims so it runs in a second."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ensemble import breakdown
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    breakdown(dim=64, num_classes=34, members=2)
+    out = capsys.readouterr().out
+    assert "at 64 dims, h1 = 256" in out and "whole step" in out
+    bound = float(out.split("those three parts): ")[1].split("x")[0])
+    assert bound > 1.0  # the three parts are a strict subset of DDPM-Seg's step
