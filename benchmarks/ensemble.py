@@ -31,7 +31,7 @@ Prints, in one run:
                                                     [--skip-memory]
 
 Ratios are measured in one process, so they hold for the thread count it runs with (printed);
-with OMP_NUM_THREADS=2 the whole run (all three parts, --lean) took 4 minutes on 2 cores. Both wall
+with OMP_NUM_THREADS=2 the whole run (all three parts, --lean) took about 4 minutes on 2 cores. Both wall
 time and this process's CPU time are printed: on a machine shared with other jobs the CPU-time ratio
 is the steadier figure, since preemption inflates wall time unevenly.
 """
@@ -275,14 +275,13 @@ def _status_mib(field: str) -> float:
 
 
 def _reset_peak() -> None:
-    """Free what the allocator holds and reset the kernel's RSS high-water mark (``clear_refs`` 5), so the
-    peak read afterwards belongs to what runs next, not to building the test data."""
-    import ctypes
-    import gc
+    """Free what the allocator holds (run_all's ``_release_free_memory``) and reset the kernel's RSS
+    high-water mark (``clear_refs`` 5), so the peak read afterwards belongs to what runs next, not to
+    building the test data."""
+    from run_all import _release_free_memory
 
-    gc.collect()
+    _release_free_memory()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
