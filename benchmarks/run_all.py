@@ -693,7 +693,7 @@ PLANS = {
                   emerdiff_steps=2, gen_images=[1, 2], gen_steps=2, synth_samples=[1, 2], synth_batch=2, train_steps=2,
                   repeats=1, max_bare_batch=4, reduced="toy-size models (--quick)"),
     # full topologies on a CPU, float32: 47 minutes on 2 cores (EmerDiff's K = 10 skipped by the default
-    # budget; it takes another ~25 minutes with --only emerdiff)
+    # budget; --only emerdiff runs K = 5 and 10 in 31 minutes)
     "cpu": dict(feature_images=[1, 2, 4], feature_batch=1, ensemble_steps=100, predict_images=[1, 2], emerdiff_K=[5, 10],
                 emerdiff_steps=1, gen_images=[1, 2], gen_steps=2, synth_samples=[2, 4], synth_batch=2, train_steps=5,
                 repeats=1, max_bare_batch=4,
