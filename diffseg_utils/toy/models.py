@@ -128,3 +128,53 @@ def build_pixel_scheduler():
 
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                          prediction_type="epsilon", clip_sample=True)
+
+
+@dataclass
+class ToySD3Config:
+    """The toy MM-DiT: an SD3-architecture transformer on the toy SD's latents and text encoder.
+
+    ``SD3Transformer2DModel`` on 16x16x4 latents with patch size 1, so the token grid is 16x16 (the
+    toy UNet's finest level; patch 2 would leave 8x8 tokens for 64 px images). qk RMS-norm as in
+    SD3.5. The two CLIP slots both hold the toy SD's frozen text encoder (width 64 each, so 128 per
+    token after SD3's concatenation); there is no T5 (``max_sequence_length`` zero tokens stand in
+    for it: 0 here, so a prompt is its 16 CLIP tokens). Measured alone on the 2 CPU cores: 0.59 s
+    per training step at batch 32 (6 layers, width 128, 3.5 M parameters); patch 2 runs at 0.34 s
+    at batch 64 but with a 4x coarser token grid.
+    """
+
+    sample_size: int = 16
+    patch_size: int = 1
+    num_layers: int = 6
+    head_dim: int = 32
+    heads: int = 4
+    qk_norm: str | None = "rms_norm"
+    text_width: int = 128  # two CLIP slots of width 64, concatenated
+    max_sequence_length: int = 0  # the T5 slot: SD3 fills it with zeros when there is no T5
+    latent_channels: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SD3_MICRO = ToySD3Config(num_layers=1, head_dim=8, heads=2)
+"""A micro MM-DiT for smoke tests (seconds on CPU)."""
+
+
+def build_sd3_transformer(cfg: ToySD3Config):
+    from diffusers import SD3Transformer2DModel
+
+    width = cfg.head_dim * cfg.heads
+    return SD3Transformer2DModel(
+        sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels, num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads, joint_attention_dim=cfg.text_width, caption_projection_dim=width,
+        pooled_projection_dim=cfg.text_width, pos_embed_max_size=cfg.sample_size, qk_norm=cfg.qk_norm,
+    )
+
+
+def build_flow_scheduler():
+    """SD3's rectified-flow scheduler; shift 1 (SD3's shift of 3 is for 1024 px images)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

@@ -370,7 +370,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="checkpoints and cached latents (kept out of git)")
     p.add_argument("--world", default="shapes", choices=["shapes", "faces"],
                    help="shapes: the text-to-image latent SD; faces: the unconditional pixel DDPM (stages ddpm, export, gate)")
-    p.add_argument("--stage", default="all", choices=["all", "vae", "latents", "unet", "decoder", "ddpm", "export", "gate"])
+    p.add_argument("--model", default="sd", choices=["sd", "sd3"],
+                   help="shapes world: sd = the tiny SD (UNet); sd3 = the toy MM-DiT on the toy SD's VAE and text encoder")
+    p.add_argument("--stage", default="all",
+                   choices=["all", "vae", "latents", "unet", "decoder", "ddpm", "mmdit", "export", "gate"])
+    p.add_argument("--mmdit-steps", type=int, default=16000)
+    p.add_argument("--mmdit-batch", type=int, default=32)
+    p.add_argument("--mmdit-lr", type=float, default=1e-3)
+    p.add_argument("--stop-at", type=int, default=None, help="end training at this step (checkpointed), to resume later")
     p.add_argument("--config", default="default", choices=["default", "micro"])
     p.add_argument("--ddpm-steps", type=int, default=9000)
     p.add_argument("--ddpm-batch", type=int, default=32)
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gate-probe", type=int, default=20, help="few-shot train (and test) images for the probe gate")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--toy-sd", type=Path, default=None,
+                   help="--model sd3: the toy SD pipeline whose VAE and text encoder it reuses (default data/toy-sd)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -404,6 +413,16 @@ def main(argv: list[str] | None = None) -> None:
 
             gate_pixel(a.work, a.out, pcfg, n_probe=a.gate_probe, seed=a.seed)
         print(f"done; CPU time of this run: {time.process_time() - t0:.0f} s")
+        return
+    if a.model == "sd3":
+        from .models import SD3_MICRO, ToySD3Config
+        from .train_sd3 import run
+
+        from ..registry import TOY_SD_DIR
+
+        run(a.stage, a.work, a.out, a.toy_sd or TOY_SD_DIR, SD3_MICRO if a.config == "micro" else ToySD3Config(),
+            steps=a.mmdit_steps, batch=a.mmdit_batch, lr=a.mmdit_lr, num_latents=a.num_latents, stop_at=a.stop_at,
+            seed=a.seed)
         return
     cfg = MICRO if a.config == "micro" else ToySDConfig()
     if a.stage in ("all", "vae"):

@@ -1,0 +1,163 @@
+"""Train the toy MM-DiT (``data/toy-sd3``): an SD3-architecture pipeline on the shapes world, on CPU.
+
+    python -m diffseg_utils.toy.train --model sd3 --out data/toy-sd3                  # all stages
+    python -m diffseg_utils.toy.train --model sd3 --out data/toy-sd3 --stage mmdit    # resume training
+
+It reuses the toy SD's VAE (frozen; its latent space and scaling factor) and its text encoder
+(frozen, in both of SD3's CLIP slots, no T5), and trains only an ``SD3Transformer2DModel`` with
+SD3's rectified-flow objective: ``x_s = (1 - s) x_0 + s e``, predict ``e - x_0``, the noise level
+``s`` drawn logit-normal (mean 0, std 1) as in the SD3 paper, 10% empty prompts for
+classifier-free guidance, random object order in captions, EMA weights. The conditioning is
+computed by ``StableDiffusion3Pipeline.encode_prompt`` itself, so training sees exactly what the
+pipeline feeds the transformer at inference. Stages:
+
+1. ``latents``: encode the generator images with the toy VAE once (shared with the toy SD's
+   training; see :func:`diffseg_utils.toy.train.cache_latents`).
+2. ``mmdit``:   train (resumable with every random state; ``mmdit_<step>.pt`` kept for the gates).
+3. ``export``:  write a ``StableDiffusion3Pipeline`` directory with the EMA weights.
+4. ``gate``:    prompt fidelity of every kept checkpoint (the shapes oracle), into ``<out>/gates.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .models import ToySD3Config, build_flow_scheduler, build_sd3_transformer
+
+
+def toy_text_encoder(toy_sd: Path):
+    """The toy SD's frozen CLIP text encoder as SD3's ``CLIPTextModelWithProjection`` (identity projection)."""
+    from transformers import CLIPTextModelWithProjection
+
+    te = CLIPTextModelWithProjection.from_pretrained(toy_sd, subfolder="text_encoder")
+    with torch.no_grad():
+        te.text_projection.weight.copy_(torch.eye(te.text_projection.weight.shape[0]))
+    return te.requires_grad_(False).eval()
+
+
+def build_pipeline(toy_sd: Path, cfg: ToySD3Config, transformer=None):
+    """A ``StableDiffusion3Pipeline`` over the toy SD's VAE and text encoder (in both CLIP slots)."""
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(toy_sd, subfolder="vae").requires_grad_(False).eval()
+    vae.register_to_config(shift_factor=0.0)  # SD3's decode reads it; the toy VAE's latents are centred
+    te = toy_text_encoder(toy_sd)
+    tok = CLIPTokenizer.from_pretrained(toy_sd, subfolder="tokenizer")
+    return StableDiffusion3Pipeline(
+        transformer=transformer if transformer is not None else build_sd3_transformer(cfg),
+        scheduler=build_flow_scheduler(), vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=copy.deepcopy(te),
+        tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+
+
+def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) -> list[str]:
+    from .train import _captions as captions
+
+    return captions(classes, rng, p_drop)
+
+
+def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: int, lr: float, *,
+                ema_decay: float = 0.999, p_drop: float = 0.1, warmup: int = 300, min_lr: float = 0.1,
+                log_every: int = 200, keep_every: int = 2000, stop_at: int | None = None, seed: int = 0) -> None:
+    """Train (or resume) the MM-DiT on the cached latents (``work/latents.pt``).
+
+    AdamW at ``lr`` with ``warmup`` steps then a cosine decay to ``min_lr`` x ``lr`` at ``steps``;
+    gradients clipped at 1. Resumes from ``work/mmdit.pt`` with every random state, so an
+    interrupted run reaches the same weights as one that never stopped.
+    """
+    from .train import _log, _save
+
+    data = torch.load(work / "latents.pt", weights_only=True)
+    torch.manual_seed(seed)
+    pipe = build_pipeline(toy_sd, cfg)
+    model = pipe.transformer.train()
+    scaling = float(pipe.vae.config.scaling_factor)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    ema = copy.deepcopy(model.state_dict())
+    ck, start = work / "mmdit.pt", 0
+    g = torch.Generator().manual_seed(5678)
+    rng = np.random.default_rng(5678)
+    if ck.exists():
+        st = torch.load(ck, weights_only=True)
+        if st["config"] != cfg.to_dict():
+            raise ValueError(f"{ck} was trained with config {st['config']}, not {cfg.to_dict()}; use another --work")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        ema, start = st["ema"], int(st["step"])
+        g.set_state(st["rng"])
+        rng.bit_generator.state = json.loads(st["np_rng"])
+    lr_at = lambda s: lr * min(1.0, (s + 1) / warmup) * (
+        min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    n = data["mean"].shape[0]
+    bar = tqdm(range(start, steps), desc="mmdit", initial=start, total=steps)
+    run_loss = None
+    for step in bar:
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x0 = (data["mean"][idx].float() + data["std"][idx].float()
+              * torch.randn(batch, *data["mean"].shape[1:], generator=g)) * scaling
+        s = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal noise level in (0, 1)
+        e = torch.randn(x0.shape, generator=g)
+        xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * e
+        with torch.no_grad():
+            cond, _, pooled, _ = pipe.encode_prompt(
+                _captions(data["classes"][idx], rng, p_drop), prompt_2=None, prompt_3=None, device="cpu",
+                do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length)
+        pred = model(xs, encoder_hidden_states=cond, pooled_projections=pooled, timestep=s * 1000).sample
+        loss = F.mse_loss(pred, e - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        if (step + 1) % 20 == 0 or step + 1 == steps:  # a host sync every 20 steps, not every step
+            run_loss = loss.item() if run_loss is None else 0.8 * run_loss + 0.2 * loss.item()
+            bar.set_postfix(loss=f"{run_loss:.4f}")
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            _log(work, {"stage": "mmdit", "step": step + 1, "loss": run_loss, "lr": lr_at(step)})
+            _save(ck, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step + 1, rng=g.get_state(),
+                  np_rng=json.dumps(rng.bit_generator.state), config=cfg.to_dict())
+            if (step + 1) % keep_every == 0:
+                _save(work / f"mmdit_{step + 1}.pt", ema=ema, step=step + 1, config=cfg.to_dict())
+        if stop_at is not None and step + 1 >= stop_at:
+            break
+
+
+def export_sd3(work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, ckpt: Path | None = None) -> None:
+    """Write the ``StableDiffusion3Pipeline`` directory (EMA weights of ``ckpt``, default ``work/mmdit.pt``)."""
+    st = torch.load(ckpt or work / "mmdit.pt", weights_only=True)
+    pipe = build_pipeline(toy_sd, cfg)
+    pipe.transformer.load_state_dict(st["ema"])
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / "training_state.json").write_text(json.dumps({"step": int(st["step"]), "world": "shapes",
+                                                         "config": cfg.to_dict()}, indent=1))
+
+
+def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, steps: int, batch: int, lr: float,
+        num_latents: int, stop_at: int | None = None, seed: int = 0) -> None:
+    """The ``--model sd3`` stages of ``python -m diffseg_utils.toy.train``."""
+    from .models import ToySDConfig
+    from .train import cache_latents
+
+    t0 = time.process_time()
+    if stage in ("all", "latents"):
+        cache_latents(work, ToySDConfig(), num_latents, exported=toy_sd)
+    if stage in ("all", "mmdit"):
+        train_mmdit(work, toy_sd, cfg, steps, batch, lr, stop_at=stop_at, seed=seed)
+    if stage in ("all", "export"):
+        export_sd3(work, out, toy_sd, cfg)
+    print(f"done; CPU time of this run: {time.process_time() - t0:.0f} s")
