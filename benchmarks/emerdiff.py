@@ -38,8 +38,8 @@ def kmeans_report(bb, img, segments: int, query_layer: str) -> None:
     """Item 4: k-means restarts against scikit-learn on the image's query vectors at t_f = 1."""
     z0 = bb.encode(bb.preprocess(img))
     cap = ControlledAttnProcessor(capture_query=True)
-    with AttentionProcessors(bb.unet, {query_layer: cap}):
-        bb.unet_forward(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))), 1)
+    with AttentionProcessors(bb.denoiser, {query_layer: cap}):
+        bb.predict(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))), 1)
     q = cap.query[0]
     try:
         from sklearn.cluster import KMeans
@@ -86,7 +86,7 @@ def main() -> None:
     x = bb.preprocess(img)
     z0 = bb.encode(x)
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
-    sched, ts = _denoise_timesteps(bb, 281, a.steps)
+    ts = _denoise_timesteps(bb, 281, a.steps)
     z_tm = bb.add_noise(z0, 281, eps)
     ids = torch.unique(res.low_res[0])
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def main() -> None:
     for k in ids.tolist():
         mask = (res.low_res[0] == k).to(bb.dtype)
         for sign, ref in ((1.0, res.images_plus), (-1.0, res.images_minus)):
-            out = bb.decode(reference_modulated_run(bb, z_tm, mask, sign, 10.0, ts, sched, res.layer, True))
+            out = bb.decode(reference_modulated_run(bb, z_tm, mask, sign, 10.0, ts, res.layer, True))
             worst = max(worst, float((out[0].float() - ref[0, k]).abs().max()))
     t_loop = time.perf_counter() - t0 + 0.0
     print(f"{bb.name}: K = {len(ids)} segments, {len(ts)} denoising steps from t_m = 281")

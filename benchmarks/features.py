@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffseg_utils.backbones import Backbone
+from diffseg_utils.backbones import PixelBackbone
 from diffseg_utils.features import extract_features, make_noise
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # topologies live with the test fixtures
 from topologies import ddpm256_unet_config, ddpm_scheduler_config  # noqa: E402
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     torch.manual_seed(0)
-    bb = Backbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()))
+    bb = PixelBackbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()))
     print(bb)
     imgs = torch.rand(a.images, 3, 256, 256)
 
@@ -54,7 +54,7 @@ def main() -> None:
             z0 = bb.encode(x[i:i + 1]).repeat(len(TIMESTEPS), 1, 1, 1)
             eps = make_noise(bb, 1, "shared").repeat(len(TIMESTEPS), 1, 1, 1)
             with torch.no_grad():
-                bb.unet_forward(bb.add_noise(z0, t_vec, eps), t_vec)
+                bb.predict(bb.add_noise(z0, t_vec, eps), t_vec)
 
     def ours():
         extract_features(bb, imgs, BLOCKS, TIMESTEPS, batch_size=1, progress=False)

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the real checkpoints' topologies live with the test fixtures
 
-from diffseg_utils.backbones import Backbone  # noqa: E402
+from diffseg_utils.backbones import Backbone, PixelBackbone, SDBackbone  # noqa: E402
 from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config  # noqa: E402
 
 GOAL = 1.2
@@ -232,7 +232,7 @@ class Bare:
 
     @torch.no_grad()
     def unet(self, bb: Backbone, batch: int, t: int = 281) -> float:
-        """Seconds per batch element of ``bb.unet`` at batch ``batch`` (empty-prompt condition)."""
+        """Seconds per batch element of ``bb.denoiser`` at batch ``batch`` (empty-prompt condition)."""
         b = self._batch(batch)
         key = ("unet", id(bb), b)
         if key not in self.cache:
@@ -240,8 +240,7 @@ class Bare:
             x = torch.randn(b, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
             tt = torch.full((b,), t, device=bb.device, dtype=torch.long)
             cond = bb.empty_prompt(b)
-            kw = {"encoder_hidden_states": cond} if cond is not None else {}
-            w, c = self._time(lambda: bb.unet(x, tt, **kw))
+            w, c = self._time(lambda: bb.predict(x, tt, cond))
             self.cache[key] = (w / b, c / b)
         return self._get(key)
 
@@ -334,7 +333,7 @@ def build_adm(device, dtype, quick: bool) -> Backbone:
     flags = {**DDPMSEG_FLAGS, "num_channels": 32, "image_size": 64, "channel_mult": "1,1,2,2,4,4",
              "num_head_channels": 32} if quick else "ddpm-seg"
     unet, sched = UNet2DModel(**adm_config(flags, eps_only=True)), adm_scheduler(flags, eps_only=True)
-    bb = Backbone(unet=unet, scheduler=sched, name="adm-256" if not quick else "adm-tiny", device=device, dtype=dtype)
+    bb = PixelBackbone(unet=unet, scheduler=sched, name="adm-256" if not quick else "adm-tiny", device=device, dtype=dtype)
     bb.blocks()  # the one dry run every method starts with, out of the timings
     return bb
 
@@ -351,7 +350,7 @@ def build_sd(device, dtype, quick: bool) -> Backbone:
                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           steps_offset=1, clip_sample=False)
-    bb = Backbone(unet=UNet2DConditionModel(**sd15_unet_config(quick)), vae=AutoencoderKL(**sd15_vae_config(quick)),
+    bb = SDBackbone(unet=UNet2DConditionModel(**sd15_unet_config(quick)), vae=AutoencoderKL(**sd15_vae_config(quick)),
                   text_encoder=text, tokenizer=tok, scheduler=sched, name="sd-1.5" if not quick else "sd-tiny",
                   device=device, dtype=dtype)
     bb.blocks()  # the one dry run every method starts with, out of the timings
@@ -375,7 +374,7 @@ def bench_features(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> t
         imgs = torch.rand(n, 3, bb.resolution, bb.resolution)
         secs, peak, fm, prof, seen = run_measured(
             lambda: extract_features(bb, imgs, ADM_BLOCKS, ADM_TIMESTEPS, batch_size=bs, progress=False),
-            bb.device, profile=profile_all or i == 0, unet=bb.unet)
+            bb.device, profile=profile_all or i == 0, unet=bb.denoiser)
         evals = len(ADM_TIMESTEPS) * n
         ub = len(ADM_TIMESTEPS) * min(bs, n)
         m.points.append(Point(n, secs, peak, fm.nbytes(), evals, seen=seen,
@@ -441,7 +440,7 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
         secs, peak, res, prof, seen = run_measured(
             lambda: emerdiff_segment(bb, img, K, num_steps=steps, chunk_size=chunk,
                                      decode_batch_size=dec, progress=False), bb.device,
-            profile=profile_all or i == 0, unet=bb.unet)
+            profile=profile_all or i == 0, unet=bb.denoiser)
         k_eff = int(torch.unique(res.low_res[0]).numel())
         evals = res.min_unet_evals_per_image
         ts = res.extra["timesteps"]
@@ -477,7 +476,7 @@ def bench_daam(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Metho
         prompts, words = _prompts(n)
         secs, peak, _, prof, seen = run_measured(
             lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance_scale=7.5), bb.device,
-            profile=profile_all or i == 0, unet=bb.unet)
+            profile=profile_all or i == 0, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
         m.points.append(Point(n, secs, peak, hold, evals, seen=seen,
@@ -505,7 +504,7 @@ def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
     for i, n in enumerate(plan["gen_images"]):
         prompts, words = _prompts(n)
         secs, peak, (batch, _), prof, seen = run_measured(lambda: run(prompts, words), bb.device,
-                                                          profile=profile_all or i == 0, unet=bb.unet)
+                                                          profile=profile_all or i == 0, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = sum(f.numel() * f.element_size() for f in batch.features.values())
         m.points.append(Point(n, secs, peak, hold, evals, seen=seen,
@@ -551,7 +550,7 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
         secs, peak, _, prof, seen = run_measured(
             lambda: synthesize(bb, labeler, out, num_samples=n, class_names=names, shard_size=max(bs, n),
                                num_steps=steps, guidance_scale=5.0, batch_size=bs, progress=False),
-            bb.device, profile=profile_all or i == 0, unet=bb.unet)
+            bb.device, profile=profile_all or i == 0, unet=bb.denoiser)
         disk = sum(f.stat().st_size for f in out.glob("shard_*.pt"))
         evals = 2 * n * steps
         m.points.append(Point(n, secs, peak, disk, evals, **bare.both(lambda: (

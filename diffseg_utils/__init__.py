@@ -17,7 +17,7 @@
 * metrics: :func:`mean_iou`, :func:`ddpmseg_miou`, :func:`hungarian_miou`.
 """
 from .attention_maps import daam_segment
-from .backbones import Backbone, BlockInfo, adm_blocks, adm_output_block
+from .backbones import Backbone, BlockInfo, Conditioning, adm_blocks, adm_output_block
 from .baselines import baseline_features, rgbxy_features
 from .datasets import (DDPMSEG_DATASETS, DatasetConfig, FewShotData, Sample, SegmentationDataset, SegmentationSplit,
                        fewshot_splits, list_datasets, load_dataset)
@@ -33,7 +33,7 @@ from .registry import list_backbones
 from .selection import PlaceChoice, choose_places, decoder_blocks
 
 __all__ = [
-    "Backbone", "BlockInfo", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
+    "Backbone", "BlockInfo", "Conditioning", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
     "Geometry", "GroundingResult", "ImageLike", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
     "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
     "choose_places", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",

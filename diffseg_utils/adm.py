@@ -7,7 +7,7 @@ feature extraction) works on it unchanged:
 
 >>> unet, scheduler = load_adm_checkpoint("checkpoints/ddpm/ffhq.pt")      # DDPM-Seg's flags
 >>> bb = load_backbone("checkpoints/ddpm/ffhq.pt")                         # a pixel Backbone on it
->>> adm_blocks(bb.unet, [5, 6, 7, 8, 12])   # 1024 + 512 + 512 + 512 + 256 = 2816 channels per t
+>>> adm_blocks(bb.denoiser, [5, 6, 7, 8, 12])   # 1024 + 512 + 512 + 512 + 256 = 2816 channels per t
 
 Supported checkpoints (all share one architecture, DDPM-Seg's ``MODEL_FLAGS`` in
 ``scripts/ddpm/train_interpreter.sh``): ``attention_resolutions 32,16,8``, ``class_cond False``,

@@ -125,7 +125,7 @@ def attention_layers(backbone: Backbone) -> list[AttentionLayer]:
 
     blocks = backbone.blocks()
     out = []
-    for path, m in backbone.unet.named_modules():
+    for path, m in backbone.denoiser.named_modules():
         if isinstance(m, Attention):
             parent = next((b for b in blocks if (path == b or path.startswith(b + ".")) and blocks[b].kind == "attention"), None)
             if parent is None:

@@ -14,7 +14,7 @@ thresholded (0.4) for a mask.
 
 The context manager only installs processors and a UNet pre-hook; it never calls the UNet
 itself, so it wraps :func:`~diffseg_utils.sampling.generate`, ``generate_with_features`` or any
-loop that calls ``backbone.unet`` (one UNet call = one step).
+loop that calls ``backbone.denoiser`` (one UNet call = one step).
 
 Differences from castorini/daam, on purpose: DAAM keeps one time-summed map per (layer, head)
 at the layer's own resolution and clamps each after upsampling; we average heads and upsample
@@ -173,11 +173,11 @@ class CrossAttentionMaps:
     def __enter__(self) -> "CrossAttentionMaps":
         if self._procs is not None:
             raise RuntimeError("CrossAttentionMaps is already installed; exit it first or use a new one")
-        procs = AttentionProcessors(self.backbone.unet,
+        procs = AttentionProcessors(self.backbone.denoiser,
                                     {a.path: _CapturingProcessor(self._acc, a) for a in self.layers})
         procs.__enter__()
         self._procs = procs
-        self._hook = self.backbone.unet.register_forward_pre_hook(lambda *_: self._acc.start_call())
+        self._hook = self.backbone.denoiser.register_forward_pre_hook(lambda *_: self._acc.start_call())
         return self
 
     def __exit__(self, *exc) -> None:

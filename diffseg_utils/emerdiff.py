@@ -14,7 +14,7 @@ before the modulated up block runs once at batch 1 and is broadcast to the runs 
 pre-hooks), so the shared prefix is computed once. Defaults from the paper: ``t_f=1``,
 ``t_m=281``, ``lam=10``, the layer choice, attention injection on, blur 5x5 with sigma 3
 (from VidSeg's code). Our choices: ``num_steps=50`` (DDIM, eta 0: the schedule
-below ``t_m``, any ``prediction_type``, see :func:`~diffseg_utils.sampling.ddim_step`), k-means
+below ``t_m``, any ``prediction_type``, see :meth:`~diffseg_utils.backbones.Backbone.step`), k-means
 as the best of 50 greedy k-means++ restarts with 30 Lloyd iterations (batched on the device), and the
 first attention layer of the chosen level as the modulated layer (the paper found the three
 16x16 layers similar). The 2K modulated images are decoded ``decode_batch_size`` at a time and
@@ -47,7 +47,6 @@ from .attention import ControlledAttnProcessor, attention_layers, finer_up_layer
 from .backbones import Backbone
 from .hooks import AttentionProcessors
 from .inputs import Geometry, ImageGeometry, restore_labels, renamed_arguments
-from .sampling import ddim_step
 
 __all__ = ["EmerDiffResult", "choose_emerdiff_settings", "emerdiff_segment", "gaussian_blur", "kmeans",
            "kmeans_upsampled_features", "mean_hungarian_miou", "upsample_segments"]
@@ -256,15 +255,14 @@ def _mask_for_layer(masks: torch.Tensor, layer_is_4d: bool) -> torch.Tensor:
     return masks[:, None] if layer_is_4d else masks.flatten(1)[..., None]
 
 
-def _denoise_timesteps(backbone: Backbone, t_m: int, num_steps: int) -> tuple[object, list[int]]:
-    sched = backbone.ddim_scheduler()
-    sched.set_timesteps(num_steps, device=backbone.device)
-    return sched, [t_m] + [int(t) for t in sched.timesteps if int(t) < t_m]
+def _denoise_timesteps(backbone: Backbone, t_m: int, num_steps: int) -> list:
+    """``t_m``, then the sampling grid's timesteps below it."""
+    return [t_m] + [t for t in backbone.sampler(num_steps).timesteps.tolist() if t < t_m]
 
 
 @torch.no_grad()
 def _modulated_runs(backbone: Backbone, z_tm: torch.Tensor, masks: torch.Tensor, signs: torch.Tensor, lam: float,
-                    timesteps: Sequence[int], sched, mod_layer: str, suffix_layers: list[str], up_index: int,
+                    timesteps: Sequence[int], mod_layer: str, suffix_layers: list[str], up_index: int,
                     inject: bool, layer_is_4d: bool) -> torch.Tensor:
     """Denoise R modulated copies of z_tm (batch 1) to x0. masks (R, h, w), signs (R,). Returns (R, C, h', w')."""
     R = masks.shape[0]
@@ -275,21 +273,21 @@ def _modulated_runs(backbone: Backbone, z_tm: torch.Tensor, masks: torch.Tensor,
         for p in procs.values():
             p.inject_from = 0
     cond = backbone.empty_prompt(1)
-    with AttentionProcessors(backbone.unet, procs):
-        with _BroadcastUpBlocks(backbone.unet, up_index, R + 1):
-            out = backbone.unet_forward(z_tm, timesteps[0], cond)[1:]          # (R, ...) at t_m: epsilon, v or x0
+    with AttentionProcessors(backbone.denoiser, procs):
+        with _BroadcastUpBlocks(backbone.denoiser, up_index, R + 1):
+            out = backbone.predict(z_tm, timesteps[0], cond)[1:]          # (R, ...) at t_m: epsilon, v or x0
     # after t_m the runs are plain denoising: the backbone's own (fused) attention processors again
-    x = ddim_step(sched, out, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, z_tm.expand(R, -1, -1, -1))
+    x = backbone.step(out, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, z_tm.expand(R, -1, -1, -1))
     cond_r = backbone.empty_prompt(R)
     for i, t in enumerate(timesteps[1:], start=1):
-        out = backbone.unet_forward(x, t, cond_r)
-        x = ddim_step(sched, out, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
+        out = backbone.predict(x, t, cond_r)
+        x = backbone.step(out, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
     return x
 
 
 @torch.no_grad()
 def reference_modulated_run(backbone: Backbone, z_tm: torch.Tensor, mask: torch.Tensor, sign: float, lam: float,
-                            timesteps: Sequence[int], sched, mod_layer: str, inject: bool) -> torch.Tensor:
+                            timesteps: Sequence[int], mod_layer: str, inject: bool) -> torch.Tensor:
     """The straightforward way, one run: full UNet on [unmodulated, modulated] at t_m, no prefix sharing.
 
     Used by the tests and the benchmark as the reference the batched path must equal.
@@ -302,12 +300,12 @@ def reference_modulated_run(backbone: Backbone, z_tm: torch.Tensor, mask: torch.
     if inject:
         for p in procs.values():
             p.inject_from = 0
-    with AttentionProcessors(backbone.unet, procs):
-        out = backbone.unet_forward(z_tm.expand(2, -1, -1, -1), timesteps[0], backbone.empty_prompt(2))[1:]
-    x = ddim_step(sched, out, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, z_tm)
+    with AttentionProcessors(backbone.denoiser, procs):
+        out = backbone.predict(z_tm.expand(2, -1, -1, -1), timesteps[0], backbone.empty_prompt(2))[1:]
+    x = backbone.step(out, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, z_tm)
     for i, t in enumerate(timesteps[1:], start=1):
-        out = backbone.unet_forward(x, t, backbone.empty_prompt(1))
-        x = ddim_step(sched, out, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
+        out = backbone.predict(x, t, backbone.empty_prompt(1))
+        x = backbone.step(out, t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
     return x
 
 
@@ -421,7 +419,7 @@ def emerdiff_segment(
                              f"{qh}x{qw} query tokens of {q_layer} (the rest is the letterbox border), fewer than "
                              f"num_segments={num_segments}; use fewer segments, or fit='crop' to fill the canvas")
     n = x.shape[0]
-    sched, ts = _denoise_timesteps(backbone, t_m, num_steps)
+    ts = _denoise_timesteps(backbone, t_m, num_steps)
     low_all, pix_all, diff_all, plus_all, minus_all = [], [], [], [], []
     evals = 0.0
     min_evals = 0
@@ -433,8 +431,8 @@ def emerdiff_segment(
         # 1. low-resolution segments: k-means on the query vectors at t_f of the tokens on the image
         qy0, qy1, qx0, qx1 = q_boxes[i]
         cap = ControlledAttnProcessor(capture_query=True)
-        with AttentionProcessors(backbone.unet, {q_layer: cap}):
-            backbone.unet_forward(backbone.add_noise(z0, t_f, eps), t_f)
+        with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
+            backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
         q = cap.query[0].view(qh, qw, -1)[qy0:qy1, qx0:qx1].reshape((qy1 - qy0) * (qx1 - qx0), -1)
         labels, _ = kmeans(q, num_segments, seed=seed, n_init=kmeans_restarts)
         low = torch.zeros(qh, qw, dtype=labels.dtype, device=labels.device)
@@ -454,7 +452,7 @@ def emerdiff_segment(
         finals = []
         for s in range(0, run_masks.shape[0], chunk_size):
             r = run_masks[s:s + chunk_size]
-            finals.append(_modulated_runs(backbone, z_tm, r, signs[s:s + chunk_size], lam, ts, sched, m_layer,
+            finals.append(_modulated_runs(backbone, z_tm, r, signs[s:s + chunk_size], lam, ts, m_layer,
                                           suffix, up_index, attention_injection, layer_is_4d))
             evals += 1 + r.shape[0] * len(ts)
         evals += 1  # the t_f pass
@@ -560,8 +558,8 @@ def kmeans_upsampled_features(backbone: Backbone, images, num_segments: int = 10
         z0 = backbone.encode(x[i:i + 1])
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + i)).to(z0)
         cap = ControlledAttnProcessor(capture_query=True)
-        with AttentionProcessors(backbone.unet, {q_layer: cap}):
-            backbone.unet_forward(backbone.add_noise(z0, t_f, eps), t_f)
+        with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
+            backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
         q = cap.query[0].float().T.reshape(1, -1, qh, qw)                             # (1, C, qh, qw)
         y0, y1, x0, x1 = box = _pixel_box(geo[i], size)
         up = F.interpolate(q, size=size, mode="bilinear", align_corners=False)[0, :, y0:y1, x0:x1]

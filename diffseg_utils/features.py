@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, adm_output_block
-from .hooks import CaptureOutputs
 
 
 @dataclass
@@ -132,7 +131,7 @@ def resolve_blocks(backbone: Backbone, blocks: Sequence[str | int]) -> list[str]
     valid = backbone.blocks()
     out = []
     for b in blocks:
-        name = adm_output_block(backbone.unet, b) if isinstance(b, int) else b
+        name = adm_output_block(backbone.denoiser, b) if isinstance(b, int) else b
         if name not in valid:
             ups = [n for n in valid if n.startswith("up_blocks")]
             raise ValueError(f"unknown block {b!r}. Valid names (backbone.blocks()) include the up-path: {ups}; "
@@ -208,7 +207,7 @@ def extract_features(
     T = len(ts)
     t_vec = torch.tensor(ts, device=backbone.device)
     bar = tqdm(range(0, n, batch_size), desc="features", disable=not progress, leave=False)
-    with CaptureOutputs(backbone.unet, names, transform=lambda o: o.detach()) as cap:
+    with backbone.capture(names) as cap:
         for s in bar:
             xb = x[s:s + batch_size]
             b = xb.shape[0]
@@ -217,12 +216,12 @@ def extract_features(
             if backbone.is_conditional:
                 cond = (backbone.empty_prompt(b) if all(p == "" for p in prompts[s:s + b])
                         else backbone.encode_prompt(prompts[s:s + b]))
-                cond = cond.repeat(T, 1, 1)  # (T*b, L, D), t outer
+                cond = cond.repeat(T)  # T*b rows, t outer
             acc: dict[str, torch.Tensor] = {}
             for k in range(num_noise):
                 eps = make_noise(backbone, b, noise, seed + k, offset=s)
                 zt = backbone.add_noise(z0.repeat(T, 1, 1, 1), t_vec.repeat_interleave(b), eps.repeat(T, 1, 1, 1))
-                backbone.unet_forward(zt, t_vec.repeat_interleave(b), cond)
+                backbone.predict(zt, t_vec.repeat_interleave(b), cond)
                 for name in names:
                     o = cap.outputs[name].float() if num_noise > 1 else cap.outputs[name]
                     acc[name] = o if k == 0 else acc[name] + o

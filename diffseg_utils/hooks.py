@@ -1,4 +1,4 @@
-"""Context managers that observe or modify a UNet and always restore it.
+"""Context managers that observe or modify a denoiser (UNet or transformer) and always restore it.
 
 ``CaptureOutputs`` records sub-module outputs with forward hooks; ``AttentionProcessors``
 swaps diffusers attention processors and puts the originals back. Both refuse to be entered
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .backbones import first_tensor
+from .backbones.base import first_tensor
 
 
 class CaptureOutputs:
@@ -21,13 +21,16 @@ class CaptureOutputs:
     ...     unet(x, t, encoder_hidden_states=c)
     >>> cap.outputs["up_blocks.1.attentions.0"]   # the tensor of the last call
 
-    ``transform`` maps each captured tensor (e.g. a dtype cast or a slice) before it is
-    stored; the UNet's own computation is untouched (hooks return None).
+    ``read`` turns a sub-module's output into a tensor (default: its first tensor; a backbone's
+    :meth:`~diffseg_utils.backbones.Backbone.capture` reads transformer tokens as maps);
+    ``transform`` maps each captured tensor (e.g. a dtype cast or a slice) before it is stored; the UNet's own computation is untouched (hooks return None).
     """
 
     def __init__(self, module: nn.Module, names: Iterable[str],
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 read: Callable[[object], torch.Tensor] = first_tensor):
         self.module = module
+        self.read = read
         self.names = list(names)
         self.transform = transform or (lambda x: x.detach())
         self.outputs: dict[str, torch.Tensor] = {}
@@ -40,7 +43,7 @@ class CaptureOutputs:
             sub = self.module.get_submodule(name)
 
             def hook(_m, _inp, out, name=name):
-                self.outputs[name] = self.transform(first_tensor(out))
+                self.outputs[name] = self.transform(self.read(out))
 
             self._handles.append(sub.register_forward_hook(hook))
         return self
@@ -58,8 +61,8 @@ class AttentionProcessors:
     with or without a trailing ``.processor``) to a processor.
     """
 
-    def __init__(self, unet: nn.Module, processors: dict[str, object]):
-        self.unet = unet
+    def __init__(self, module: nn.Module, processors: dict[str, object]):
+        self.module = module
         self.processors = {k.removesuffix(".processor"): v for k, v in processors.items()}
         self._saved: dict[str, object] | None = None
 
@@ -69,7 +72,7 @@ class AttentionProcessors:
         self._saved = {}
         try:
             for path, proc in self.processors.items():
-                attn = self.unet.get_submodule(path)
+                attn = self.module.get_submodule(path)
                 self._saved[path] = attn.processor
                 attn.set_processor(proc)
         except Exception:
@@ -79,5 +82,5 @@ class AttentionProcessors:
 
     def __exit__(self, *exc) -> None:
         for path, proc in (self._saved or {}).items():
-            self.unet.get_submodule(path).set_processor(proc)
+            self.module.get_submodule(path).set_processor(proc)
         self._saved = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .backbones import Backbone, default_device
+from .backbones import FAMILIES, Backbone, PixelBackbone, SDBackbone, default_device
 from .registry import REGISTRY, TOY_FACES_DIR, TOY_FACES_TRAIN_COMMAND, TOY_SD_DIR, TOY_TRAIN_COMMAND
 
 
@@ -109,8 +109,9 @@ def load_backbone(name_or_path: str, device: torch.device | str | None = None, d
                   *, allow_download: bool | None = None, adm_flags: dict | str | None = None) -> Backbone:
     """Load a diffusers backbone by short name (see :func:`list_backbones`), local directory or hub id.
 
-    Stable Diffusion 1.x/2.x pipelines give a latent backbone (VAE + conditional UNet + CLIP
-    text encoder); ``UNet2DModel`` checkpoints (google/ddpm-*) give a pixel backbone.
+    A pipeline directory's ``model_index.json`` names its family (:data:`~diffseg_utils.backbones.FAMILIES`):
+    SD 1.x/2.x, SDXL / SSD-1B, SD3 / SD3.5, Flux, PixArt-Σ / -α; a bare ``UNet2DModel`` checkpoint
+    (google/ddpm-*) gives a pixel backbone. SD3 pipelines without T5 load with or without it.
     A ``.pt`` / ``.pth`` file is an openai guided-diffusion ADM checkpoint (DDPM-Seg's
     ``lsun_bedroom.pt``, ``lsun_cat.pt``, ``lsun_horse.pt``, ``ffhq.pt``): converted into a
     ``UNet2DModel`` by :mod:`diffseg_utils.adm` (read with ``torch.load(weights_only=True)``), with
@@ -135,28 +136,31 @@ def load_backbone(name_or_path: str, device: torch.device | str | None = None, d
     kw: dict[str, Any] = {"local_files_only": local_only}
     mkw: dict[str, Any] = {**kw, "torch_dtype": dtype}
     name = name_or_path
+    family = _family(index, source)
     try:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
-        if index is not None and "vae" in index:
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **mkw)
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **mkw)
-            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **mkw)
-            tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
-            scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
-            return _annotate(Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                      scheduler=scheduler, name=name, device=device, dtype=dtype), entry)
-        sub = "unet" if index is not None and "unet" in index and _has_subfolder(root, "unet", kw) else None
-        unet = UNet2DModel.from_pretrained(root, subfolder=sub, **mkw)
-        sched_sub = "scheduler" if index is not None and "scheduler" in index and _has_subfolder(root, "scheduler", kw) else None
-        scheduler = DDPMScheduler.from_pretrained(root, subfolder=sched_sub, **kw)
-        return _annotate(Backbone(unet=unet, scheduler=scheduler, name=name, device=device, dtype=dtype), entry)
+        bb = family.from_pretrained(root, index, kw=kw, mkw=mkw, has_subfolder=lambda sub: _has_subfolder(root, sub, kw),
+                                    name=name, device=device, dtype=dtype, **(dict(entry.options) if entry else {}))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if isinstance(e, WeightsNotAvailableError):
             raise
         raise _missing(source, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return _annotate(bb, entry)
+
+
+def _family(index: dict | None, source: str) -> type[Backbone]:
+    """The backbone family of a pipeline directory (``model_index.json``), or a bare ``UNet2DModel``."""
+    if index is None:
+        return PixelBackbone
+    cls = index.get("_class_name", "")
+    if cls in FAMILIES:
+        return FAMILIES[cls]
+    if "vae" in index and "unet" in index and "text_encoder_2" not in index:
+        return SDBackbone  # an SD 1.x/2.x-style pipeline under another class name
+    if "vae" not in index and "unet" in index:
+        return PixelBackbone
+    raise ValueError(f"{source!r} is a {cls or 'pipeline'} directory, a family this package does not load; "
+                     f"known pipeline classes: {', '.join(sorted(FAMILIES))} (a family is one module in "
+                     f"diffseg_utils/backbones/)")
 
 
 def _annotate(bb: Backbone, entry) -> Backbone:
@@ -185,7 +189,7 @@ def _load_adm_backbone(path: str, device, dtype, adm_flags) -> Backbone:
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     unet, scheduler = load_adm_checkpoint(p, adm_flags, dtype=dtype, eps_only=True)
-    return Backbone(unet=unet, scheduler=scheduler, name=path, device=device, dtype=dtype)
+    return PixelBackbone(unet=unet, scheduler=scheduler, name=path, device=device, dtype=dtype)
 
 
 def _has_subfolder(root: str, sub: str, kw: dict) -> bool:
@@ -203,10 +207,10 @@ def _has_subfolder(root: str, sub: str, kw: dict) -> bool:
 
 
 def untrained_like(backbone: Backbone, seed: int = 0) -> Backbone:
-    """The same backbone with a randomly initialised UNet (same config), for 'is it the training?' baselines.
+    """The same backbone with a randomly initialised denoiser (same config), for 'is it the training?' baselines.
 
-    VAE, text encoder and scheduler are shared with ``backbone``; only the UNet is re-initialised.
+    VAE, text encoders and scheduler are shared with ``backbone``; only the UNet / transformer is re-initialised.
     """
     torch.manual_seed(seed)
-    unet = type(backbone.unet).from_config(backbone.unet.config)
-    return backbone.with_unet(unet, name=f"{backbone.name} (untrained UNet)")
+    denoiser = type(backbone.denoiser).from_config(backbone.denoiser.config)
+    return backbone.with_denoiser(denoiser, name=f"{backbone.name} (untrained {type(denoiser).__name__})")

@@ -6,13 +6,15 @@ other hub id works too. ``"toy"`` is the tiny Stable Diffusion this repo trains 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 TOY_SD_DIR = DATA_DIR / "toy-sd"
 TOY_TRAIN_COMMAND = "python -m diffseg_utils.toy.train --out data/toy-sd"
+TOY_SD3_DIR = DATA_DIR / "toy-sd3"
+TOY_SD3_TRAIN_COMMAND = "python -m diffseg_utils.toy.train --model sd3 --out data/toy-sd3"
 TOY_FACES_DIR = DATA_DIR / "toy-faces-ddpm"
 TOY_FACES_TRAIN_COMMAND = "python -m diffseg_utils.toy.train --world faces --out data/toy-faces-ddpm"
 PAPER_PROMPT_TEMPLATE = "a photograph of a {}"
@@ -29,6 +31,7 @@ class RegistryEntry:
     prompt_template: str = PAPER_PROMPT_TEMPLATE  # how a class name becomes a prompt (text-conditional models)
     dataset: str | None = None  # the dataset the model was trained on / is meant for, when there is one
     grounding_defaults: str | None = None  # module with grounding settings specific to this backbone (toy)
+    options: dict = field(default_factory=dict)  # keyword arguments of its family's from_pretrained
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -36,12 +39,24 @@ REGISTRY: dict[str, RegistryEntry] = {
     "toy": RegistryEntry(str(TOY_SD_DIR), "latent", "tiny SD trained on the toy shapes world, shipped in data/toy-sd",
                          prompt_template="a photo of a {}", dataset="toy-shapes",
                          grounding_defaults="diffseg_utils.toy.grounding_defaults"),
+    # the toy MM-DiT has no T5: its prompts are the 16 CLIP tokens alone (it was trained with max_sequence_length=0)
+    "toy-sd3": RegistryEntry(str(TOY_SD3_DIR), "latent", "tiny SD3-architecture MM-DiT trained on the toy shapes world, "
+                             "shipped in data/toy-sd3", prompt_template="a photo of a {}", dataset="toy-shapes",
+                             options={"max_sequence_length": 0}),
     "toy-faces-ddpm": RegistryEntry(str(TOY_FACES_DIR), "pixel",
                                     "tiny unconditional pixel DDPM trained on the toy faces world, shipped in "
                                     "data/toy-faces-ddpm", dataset="toy-faces"),
     "sd-1.4": RegistryEntry("CompVis/stable-diffusion-v1-4", "latent"),
     "sd-1.5": RegistryEntry("stable-diffusion-v1-5/stable-diffusion-v1-5", "latent"),
     "sd-2.1-base": RegistryEntry("stabilityai/stable-diffusion-2-1-base", "latent"),
+    "sdxl": RegistryEntry("stabilityai/stable-diffusion-xl-base-1.0", "latent"),
+    "ssd-1b": RegistryEntry("segmind/SSD-1B", "latent"),
+    "sd3-medium": RegistryEntry("stabilityai/stable-diffusion-3-medium-diffusers", "latent"),
+    "sd3.5-medium": RegistryEntry("stabilityai/stable-diffusion-3.5-medium", "latent"),
+    "sd3.5-large": RegistryEntry("stabilityai/stable-diffusion-3.5-large", "latent"),
+    "flux-dev": RegistryEntry("black-forest-labs/FLUX.1-dev", "latent"),
+    "flux-schnell": RegistryEntry("black-forest-labs/FLUX.1-schnell", "latent", options={"max_sequence_length": 256}),
+    "pixart-sigma": RegistryEntry("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "latent"),
     "ddpm-bedroom": RegistryEntry("google/ddpm-ema-bedroom-256", "pixel"),
     "ddpm-cat": RegistryEntry("google/ddpm-ema-cat-256", "pixel"),
     "ddpm-church": RegistryEntry("google/ddpm-ema-church-256", "pixel"),

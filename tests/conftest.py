@@ -55,7 +55,7 @@ def sd15_full():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.backbones import SDBackbone
     from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
     from diffseg_utils.toy.tokenizer import build_tokenizer
 
@@ -65,7 +65,7 @@ def sd15_full():
                     max_position_embeddings=77, num_attention_heads=12)
     text = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    return Backbone(unet=UNet2DConditionModel(**sd15_unet_config()), vae=AutoencoderKL(**sd15_vae_config(tiny=True)),
+    return SDBackbone(unet=UNet2DConditionModel(**sd15_unet_config()), vae=AutoencoderKL(**sd15_vae_config(tiny=True)),
                     text_encoder=text, tokenizer=tok, scheduler=sched, device="cpu")
 
 
@@ -74,9 +74,9 @@ def ddpm256_full():
     """The google DDPM-256 (bedroom/cat/church) UNet2DModel topology with random weights."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.backbones import PixelBackbone
     from topologies import ddpm256_unet_config, ddpm_scheduler_config
 
     torch.manual_seed(0)
-    return Backbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
+    return PixelBackbone(unet=UNet2DModel(**ddpm256_unet_config()), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
                     device="cpu")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffseg_utils import adm_blocks, load_backbone
 from diffseg_utils.adm import (ADM_PRESETS, DDPMSEG_FLAGS, adm_config, adm_scheduler, convert_adm_state_dict,
                                load_adm_checkpoint, parse_adm_flags, read_state_dict, resolve_adm_flags)
-from diffseg_utils.backbones import Backbone
+from diffseg_utils.backbones import Backbone, PixelBackbone
 from diffseg_utils.loading import WeightsNotAvailableError
 from diffseg_utils.hooks import CaptureOutputs
 
@@ -151,7 +151,7 @@ def test_small_ddpmseg_blocks_and_backbone_features(small, tmp_path):
     bb = load_backbone(str(path), device="cpu", adm_flags=cfg["flags"])
     assert isinstance(bb, Backbone) and bb.kind == "pixel" and bb.resolution == 32
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    eps = bb.unet_forward(x, 50)
+    eps = bb.predict(x, 50)
     assert eps.shape == x.shape  # epsilon only: ADM's variance channels dropped for the Backbone
     torch.testing.assert_close(eps, unet(x, torch.tensor([50, 50])).sample[:, :3])
     assert bb.scheduler.config.variance_type == "fixed_small" and bb.scheduler.config.num_train_timesteps == 1000
@@ -289,7 +289,7 @@ def test_256_backbone_features_at_native_size(adm256, tmp_path):
     from diffseg_utils.features import extract_features
 
     m, _, unet = adm256
-    bb = Backbone(unet=unet, scheduler=adm_scheduler(m["flags"]), device="cpu", dtype=torch.float32)
+    bb = PixelBackbone(unet=unet, scheduler=adm_scheduler(m["flags"]), device="cpu", dtype=torch.float32)
     fm = extract_features(bb, torch.rand(1, 3, 256, 256), BLOCKS, [50, 150, 250], progress=False)
     assert fm.channels == 8448
     assert [fm.maps[(50, n)].shape[-1] for n in fm.blocks] == [32, 32, 32, 64, 128]

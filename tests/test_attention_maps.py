@@ -20,14 +20,14 @@ def _unet_inputs(bb, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = bb.latent_resolution
     x = torch.randn(n, bb.latent_channels, r, r, generator=g)
-    return x, torch.full((n,), 500), bb.encode_prompt(PROMPTS[:n])
+    return x, torch.full((n,), 500), bb.encode_prompt(PROMPTS[:n]).embeds
 
 
 def _reference_maps(bb, layers, probs_per_layer, resolution, steps=None):
     """Store-everything reference: per layer and call, conditional half, head mean, bicubic, sum / layers."""
     total = 0.0
     for a in layers:
-        heads = bb.unet.get_submodule(a.path).heads
+        heads = bb.denoiser.get_submodule(a.path).heads
         h, w = a.resolution
         for step, p in enumerate(probs_per_layer[a.path]):
             if steps is not None and step not in steps:
@@ -54,7 +54,7 @@ def test_default_layers_and_bad_backbones(sd_tiny, ddpm_tiny):
 
 
 def test_forward_unchanged_and_processors_restored(sd_tiny):
-    unet = sd_tiny.unet
+    unet = sd_tiny.denoiser
     x, t, c = _unet_inputs(sd_tiny)
     before = dict(unet.attn_processors)
     n_pre_hooks = len(unet._forward_pre_hooks)
@@ -83,7 +83,7 @@ def test_accumulated_maps_equal_reference(sd_tiny, steps):
     with CrossAttentionMaps(sd_tiny, cfg_batch=True, resolution=16, steps=steps) as cam:
         images = generate(sd_tiny, PROMPTS, **kw)
     procs = {a.path: ControlledAttnProcessor(capture_probs=True) for a in cam.layers}
-    with AttentionProcessors(sd_tiny.unet, procs):
+    with AttentionProcessors(sd_tiny.denoiser, procs):
         ref_images = generate(sd_tiny, PROMPTS, **kw)
     torch.testing.assert_close(images, ref_images, rtol=1e-4, atol=1e-5)
     assert cam.num_calls == 3 and cam.steps_used == sorted(steps or {0, 1, 2})
@@ -102,21 +102,21 @@ def test_only_conditional_rows_are_used(sd_tiny):
     x, t, cond = _unet_inputs(sd_tiny)
     g = torch.Generator().manual_seed(1)
     maps = []
-    for uncond in (sd_tiny.empty_prompt(2), torch.randn(cond.shape, generator=g)):
+    for uncond in (sd_tiny.empty_prompt(2).embeds, torch.randn(cond.shape, generator=g)):
         with CrossAttentionMaps(sd_tiny, cfg_batch=True) as cam:
-            sd_tiny.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]))
+            sd_tiny.denoiser(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]))
         maps.append(cam.maps)
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-6)
     # the same as a batch holding only the conditional rows ...
     with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
-        sd_tiny.unet(x, t, encoder_hidden_states=cond)
+        sd_tiny.denoiser(x, t, encoder_hidden_states=cond)
     torch.testing.assert_close(cam.maps, maps[0], rtol=1e-4, atol=1e-6)
     # ... and not the unconditional rows' maps
     with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
-        sd_tiny.unet(x, t, encoder_hidden_states=sd_tiny.empty_prompt(2))
+        sd_tiny.denoiser(x, t, encoder_hidden_states=sd_tiny.empty_prompt(2).embeds)
     assert not torch.allclose(cam.maps, maps[0], atol=1e-4)
     with CrossAttentionMaps(sd_tiny, cfg_batch=True) as cam, pytest.raises(RuntimeError, match="even"):
-        sd_tiny.unet(x[:1], t[:1], encoder_hidden_states=cond[:1])
+        sd_tiny.denoiser(x[:1], t[:1], encoder_hidden_states=cond[:1])
 
 
 def test_heatmaps_masks_and_errors(sd_tiny):
@@ -220,7 +220,7 @@ def test_maps_peak_where_the_attention_is_forced(sd_tiny):
     prompt = PROMPTS[0]
     box = (0.25, 0.75, 0.5, 1.0)  # rows 1/4..3/4, right half (fractions of the grid)
     ring = token_span(sd_tiny.tokenizer, prompt, "ring")
-    layers = [sd_tiny.unet.get_submodule(a.path) for a in attention_layers(sd_tiny) if a.cross]
+    layers = [sd_tiny.denoiser.get_submodule(a.path) for a in attention_layers(sd_tiny) if a.cross]
     saved = [(m.to_q, m.to_k) for m in layers]
     try:
         for m in layers:
@@ -228,7 +228,7 @@ def test_maps_peak_where_the_attention_is_forced(sd_tiny):
             m.to_q, m.to_k = _ForcedQuery(inner, box), _ForcedKey(inner, ring)
         x, t, _ = _unet_inputs(sd_tiny, n=1)
         with CrossAttentionMaps(sd_tiny, cfg_batch=False) as cam:
-            sd_tiny.unet(x, t, encoder_hidden_states=sd_tiny.encode_prompt([prompt]))
+            sd_tiny.denoiser(x, t, encoder_hidden_states=sd_tiny.encode_prompt([prompt]).embeds)
         heat = cam.heatmaps([prompt], [["ring", "star"]], image_size=32)[0]              # (2, 32, 32)
     finally:
         for m, (q, k) in zip(layers, saved):

@@ -15,10 +15,10 @@ def test_backbone_basics(which, request):
     if bb.kind == "pixel":
         assert torch.equal(z, x) and bb.encode_prompt(["a cat"]) is None
     else:
-        emb = bb.encode_prompt(["", "a photo of a star"])
+        emb = bb.encode_prompt(["", "a photo of a star"]).embeds
         assert emb.shape[:2] == (2, bb.tokenizer.model_max_length)
         assert not torch.allclose(emb[0], emb[1])
-    eps = bb.unet_forward(z, 10)
+    eps = bb.predict(z, 10)
     assert eps.shape == z.shape and eps.dtype == bb.dtype
 
 
@@ -48,15 +48,15 @@ def test_blocks_match_a_forward_pass(which, request):
             seen.setdefault(name, tuple(first_tensor(out).shape))  # returns None: output untouched
         return fn
 
-    hs = [bb.unet.get_submodule(n).register_forward_hook(hook(n)) for n in blocks]
+    hs = [bb.denoiser.get_submodule(n).register_forward_hook(hook(n)) for n in blocks]
     try:
         x = torch.randn(3, bb.latent_channels, bb.latent_resolution, bb.latent_resolution)
-        bb.unet_forward(x, 5)
+        bb.predict(x, 5)
     finally:
         for h in hs:
             h.remove()
     for name, info in blocks.items():
-        assert bb.unet.get_submodule(name) is info.module
+        assert bb.denoiser.get_submodule(name) is info.module
         assert seen[name] == (3, info.channels, *info.resolution), name
     kinds = {b.kind for b in blocks.values()}
     assert {"block", "resnet", "upsampler", "downsampler"} <= kinds
@@ -64,7 +64,7 @@ def test_blocks_match_a_forward_pass(which, request):
 
 
 def test_adm_mapping_tiny(ddpm_tiny):
-    unet = ddpm_tiny.unet
+    unet = ddpm_tiny.denoiser
     assert adm_blocks(unet, [0, 2, 3, 5, 6, 8, 12]) == [
         "up_blocks.0.resnets.0", "up_blocks.0.upsamplers.0", "up_blocks.1.attentions.0", "up_blocks.1.upsamplers.0",
         "up_blocks.2.resnets.0", "up_blocks.2.upsamplers.0", "up_blocks.4.resnets.0"]
@@ -76,7 +76,7 @@ def test_adm_mapping_tiny(ddpm_tiny):
 @pytest.mark.slow
 def test_adm_mapping_full_size_ddpm_gives_ddpmseg_dims(ddpm256_full):
     """DDPM-Seg's blocks {5,6,7,8,12} on the google DDPM-256 topology give 1408 ch per t (4224 for 3 t)."""
-    names = adm_blocks(ddpm256_full.unet, [5, 6, 7, 8, 12])
+    names = adm_blocks(ddpm256_full.denoiser, [5, 6, 7, 8, 12])
     b = ddpm256_full.blocks()  # resolutions and channels from a real dry run at 256
     assert [b[n].resolution[0] for n in names] == [32, 32, 32, 64, 128]
     assert sum(b[n].channels for n in names) * 3 == 4224

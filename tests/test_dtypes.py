@@ -99,7 +99,7 @@ class DtypeRecorder(TorchDispatchMode):
 
 
 def record(bb):
-    return DtypeRecorder(bb.unet)
+    return DtypeRecorder(bb.denoiser)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_recorder_catches_float64_and_upcasts(ddpm):
         rec.check(unet_ran=False)
     bb32 = ddpm[torch.float32]
     with record(bb32) as rec:
-        bb32.unet_forward(torch.zeros(1, 3, 64, 64), 10)
+        bb32.predict(torch.zeros(1, 3, 64, 64), 10)
     with pytest.raises(AssertionError, match="not in torch.bfloat16"):
         rec.check()
 
@@ -246,8 +246,8 @@ def test_emerdiff_bf16(sd):
     bb = sd[torch.float32]
     z0 = bb.encode(bb.preprocess(x))
     cap = ControlledAttnProcessor(capture_query=True)
-    with AttentionProcessors(bb.unet, {q_layer: cap}):
-        bb.unet_forward(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))), 1)
+    with AttentionProcessors(bb.denoiser, {q_layer: cap}):
+        bb.predict(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))), 1)
     q = cap.query[0]
     # ... are clustered as well by the bf16 run's segments as by the float32 run's (random weights give
     # no clear clusters, so the labels themselves may differ; their quality may not)

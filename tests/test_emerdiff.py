@@ -6,24 +6,24 @@ from diffseg_utils.attention import ControlledAttnProcessor, attention_layers, f
 from diffseg_utils.emerdiff import (_denoise_timesteps, emerdiff_segment, gaussian_blur, kmeans,
                                     reference_modulated_run, upsample_segments)
 from diffseg_utils.hooks import AttentionProcessors
-from diffseg_utils.sampling import ddim_step
+from diffseg_utils.backbones import DDPMNoise
 
 
 @pytest.mark.parametrize("which", ["sd_tiny", "ddpm_tiny"])
 def test_processor_is_exact_and_restored(which, request):
     bb = request.getfixturevalue(which)
     x = torch.randn(2, bb.latent_channels, bb.latent_resolution, bb.latent_resolution)
-    ref = bb.unet_forward(x, 50)
-    procs = lambda: {n: m.processor for n, m in bb.unet.named_modules() if hasattr(m, "set_processor")}
+    ref = bb.predict(x, 50)
+    procs = lambda: {n: m.processor for n, m in bb.denoiser.named_modules() if hasattr(m, "set_processor")}
     originals = procs()
-    with AttentionProcessors(bb.unet, {a.path: ControlledAttnProcessor() for a in attention_layers(bb)}):
-        torch.testing.assert_close(bb.unet_forward(x, 50), ref, atol=1e-5, rtol=1e-5)
+    with AttentionProcessors(bb.denoiser, {a.path: ControlledAttnProcessor() for a in attention_layers(bb)}):
+        torch.testing.assert_close(bb.predict(x, 50), ref, atol=1e-5, rtol=1e-5)
     assert procs() == originals  # the very same processor objects are back
     with pytest.raises(RuntimeError, match="boom"):
-        with AttentionProcessors(bb.unet, {a.path: ControlledAttnProcessor() for a in attention_layers(bb)}):
+        with AttentionProcessors(bb.denoiser, {a.path: ControlledAttnProcessor() for a in attention_layers(bb)}):
             raise RuntimeError("boom")
     assert procs() == originals  # the very same processor objects are back
-    torch.testing.assert_close(bb.unet_forward(x, 50), ref)
+    torch.testing.assert_close(bb.predict(x, 50), ref)
 
 
 def test_level_selection(sd_tiny, ddpm_tiny):
@@ -54,13 +54,13 @@ def test_batched_equals_reference_loop_and_lambda_zero(which, finer, request):
     x = bb.preprocess(img)
     z0 = bb.encode(x)
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
-    sched, ts = _denoise_timesteps(bb, 281, 8)
+    ts = _denoise_timesteps(bb, 281, 8)
     k = int(torch.unique(big.low_res[0])[0])
     mask = (big.low_res[0] == k).float()
     if finer:
         mask = torch.nn.functional.interpolate(mask[None, None], size=finer_up_layer(bb).resolution, mode="nearest")[0, 0]
         assert big.layer == kw["modulate_layer"]
-    ref = bb.decode(reference_modulated_run(bb, bb.add_noise(z0, 281, eps), mask, -1.0, 10.0, ts, sched, big.layer, True))
+    ref = bb.decode(reference_modulated_run(bb, bb.add_noise(z0, 281, eps), mask, -1.0, 10.0, ts, big.layer, True))
     torch.testing.assert_close(ref[0].float(), big.images_minus[0, k], atol=1e-4, rtol=1e-4)
     zero = emerdiff_segment(bb, img, lam=0.0, **kw)
     torch.testing.assert_close(zero.images_plus, zero.images_minus, atol=1e-5, rtol=0)  # up to float rounding
@@ -119,17 +119,17 @@ def test_ddim_step_equals_scheduler_step(ptype, clip, sd_tiny):
     for i, t in enumerate(ts):
         prev = ts[i + 1] if i + 1 < len(ts) else None  # last: the scheduler's final alpha is 1 (set_alpha_to_one)
         want = sched.step(out, t, x).prev_sample
-        torch.testing.assert_close(ddim_step(sched, out, t, prev, x), want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(DDPMNoise(sched).step(out, t, prev, x), want, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="thresholding"):
-        ddim_step(DDIMScheduler.from_config(sched.config, thresholding=True), out, 501, 401, x)
+        DDPMNoise(DDIMScheduler.from_config(sched.config, thresholding=True)).step(out, 501, 401, x)
 
 
 def _with_prediction_type(bb, ptype):
     from diffusers import DDPMScheduler
 
-    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.backbones import SDBackbone
 
-    return Backbone(unet=bb.unet, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, device="cpu",
+    return SDBackbone(unet=bb.denoiser, vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, device="cpu",
                     scheduler=DDPMScheduler.from_config(bb.scheduler.config, prediction_type=ptype))
 
 
@@ -142,16 +142,16 @@ def test_modulated_denoising_follows_the_schedulers_prediction_type(ptype, sd_ti
     z0 = torch.randn(1, bb.latent_channels, bb.latent_resolution, bb.latent_resolution,
                      generator=torch.Generator().manual_seed(3))
     z_tm = bb.add_noise(z0, 301, torch.randn(z0.shape, generator=torch.Generator().manual_seed(4)))
-    sched, ts = _denoise_timesteps(bb, 301, 10)
+    ts = _denoise_timesteps(bb, 301, 10)
     assert ts == [301, 201, 101, 1]  # t_m on the grid: every step is one of the scheduler's own
     layer = low_res_query_layer(bb).path
     mask = torch.ones(bb.blocks()[layer.rsplit(".transformer_blocks", 1)[0]].resolution)
-    ours = reference_modulated_run(bb, z_tm, mask, 1.0, 0.0, ts, sched, layer, inject=False)
+    ours = reference_modulated_run(bb, z_tm, mask, 1.0, 0.0, ts, layer, inject=False)
     ref_sched = DDIMScheduler.from_config(bb.scheduler.config, set_alpha_to_one=True)
     ref_sched.set_timesteps(10)
     x = z_tm
     for t in ts:
-        x = ref_sched.step(bb.unet_forward(x, t), t, x).prev_sample
+        x = ref_sched.step(bb.predict(x, t), t, x).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
 
 
@@ -172,8 +172,8 @@ def _toy_queries(n: int) -> list[torch.Tensor]:
     for i in range(n):
         z0 = bb.encode(x[i:i + 1])
         cap = ControlledAttnProcessor(capture_query=True)
-        with AttentionProcessors(bb.unet, {layer: cap}):
-            bb.unet_forward(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(i))), 1)
+        with AttentionProcessors(bb.denoiser, {layer: cap}):
+            bb.predict(bb.add_noise(z0, 1, torch.randn(z0.shape, generator=torch.Generator().manual_seed(i))), 1)
         out.append(cap.query[0])
     return out
 
@@ -188,8 +188,8 @@ def test_kmeans_restarts_match_sklearn(sd_tiny):
         centres = torch.randn(12, 16, generator=g) * 3
         sets += [(centres[torch.randint(12, (400,), generator=g)] + torch.randn(400, 16, generator=g), k) for k in (8, 20)]
     cap = ControlledAttnProcessor(capture_query=True)  # the tiny model's finer level: 4x4 = 16 queries
-    with AttentionProcessors(sd_tiny.unet, {finer_up_layer(sd_tiny).path: cap}):
-        sd_tiny.unet_forward(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 1)
+    with AttentionProcessors(sd_tiny.denoiser, {finer_up_layer(sd_tiny).path: cap}):
+        sd_tiny.predict(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 1)
     sets += [(cap.query.flatten(0, 1), k) for k in (3, 6)]
     ratios = []
     for x, k in sets:
@@ -230,13 +230,13 @@ def test_kmeans_keeps_the_best_restart_and_dtype():
 ])
 def test_bad_arguments_are_refused_up_front(sd_tiny, kw, match):
     calls = []
-    orig = sd_tiny.unet.forward
-    sd_tiny.unet.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = sd_tiny.denoiser.forward
+    sd_tiny.denoiser.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         with pytest.raises(ValueError, match=match):
             emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), **{"num_segments": 3, **kw}, progress=False)
     finally:
-        del sd_tiny.unet.forward
+        del sd_tiny.denoiser.forward
     assert not calls  # refused before any UNet call
 
 
@@ -259,13 +259,13 @@ def test_chunked_decode_equals_one_batch(sd_tiny, monkeypatch):
 
 
 def test_processors_and_hooks_restored_after_emerdiff(sd_tiny, monkeypatch):
-    procs = lambda: {n: m.processor for n, m in sd_tiny.unet.named_modules() if hasattr(m, "set_processor")}
-    hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sd_tiny.unet.modules())
+    procs = lambda: {n: m.processor for n, m in sd_tiny.denoiser.named_modules() if hasattr(m, "set_processor")}
+    hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sd_tiny.denoiser.modules())
     before, n_hooks = procs(), hooks()
     emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), 3, num_steps=3, progress=False)
     assert procs() == before and hooks() == n_hooks
     calls = []
-    orig = sd_tiny.unet_forward
+    orig = sd_tiny.predict
 
     def failing(*a, **k):  # fails in the modulated pass at t_m, inside both context managers
         calls.append(1)
@@ -273,7 +273,7 @@ def test_processors_and_hooks_restored_after_emerdiff(sd_tiny, monkeypatch):
             raise RuntimeError("boom")
         return orig(*a, **k)
 
-    monkeypatch.setattr(sd_tiny, "unet_forward", failing)
+    monkeypatch.setattr(sd_tiny, "predict", failing)
     with pytest.raises(RuntimeError, match="boom"):
         emerdiff_segment(sd_tiny, torch.rand(1, 3, 64, 64), 3, num_steps=3, progress=False)
     assert procs() == before and hooks() == n_hooks
@@ -320,7 +320,7 @@ def test_kmeans_ddim_step_and_injection_do_not_sync_on_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try:
         labels, centres = kmeans(x, 10)
-        z = ddim_step(sched, torch.randn_like(h[:2, None]), 281, 261, h[:2, None])
+        z = DDPMNoise(sched).step(torch.randn_like(h[:2, None]), 281, 261, h[:2, None])
         with torch.no_grad():
             attn.set_processor(p)
             a = attn(h)

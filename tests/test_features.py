@@ -38,30 +38,30 @@ def test_extract_matches_direct_forward_and_leaves_unet_unchanged(which, request
     names = [n for n in bb.blocks() if n.startswith("up_blocks")][:3]
     x = bb.preprocess(imgs)
     z0 = bb.encode(x)
-    before = bb.unet_forward(z0, 100)
+    before = bb.predict(z0, 100)
     fm = extract_features(bb, imgs, names, [10, 100], batch_size=2, dtype=torch.float32, progress=False)
     assert fm.keys == [(10, n) for n in names] + [(100, n) for n in names]
     assert fm.maps[(10, names[0])].shape[0] == 3
     # reference: one image, one t, separate call
     eps = make_noise(bb, 1, "shared", seed=0)
-    with CaptureOutputs(bb.unet, names) as cap:
-        bb.unet_forward(bb.add_noise(z0[2:3], 100, eps), 100)
+    with CaptureOutputs(bb.denoiser, names) as cap:
+        bb.predict(bb.add_noise(z0[2:3], 100, eps), 100)
     for nme in names:
         torch.testing.assert_close(fm.maps[(100, nme)][2:3], cap.outputs[nme], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(bb.unet_forward(z0, 100), before)
-    assert all(not bb.unet.get_submodule(n)._forward_hooks for n in names)
+    torch.testing.assert_close(bb.predict(z0, 100), before)
+    assert all(not bb.denoiser.get_submodule(n)._forward_hooks for n in names)
 
 
 def test_hooks_removed_after_exception(sd_tiny):
     name = "up_blocks.1"
     with pytest.raises(RuntimeError, match="boom"):
-        with CaptureOutputs(sd_tiny.unet, [name]):
+        with CaptureOutputs(sd_tiny.denoiser, [name]):
             raise RuntimeError("boom")
-    assert not sd_tiny.unet.get_submodule(name)._forward_hooks
+    assert not sd_tiny.denoiser.get_submodule(name)._forward_hooks
     # and when the forward itself fails inside extract_features
     with pytest.raises(Exception):
         extract_features(sd_tiny, torch.rand(1, 3, 64, 64), [name], [10], prompt=["a", "b"], progress=False)
-    assert not sd_tiny.unet.get_submodule(name)._forward_hooks
+    assert not sd_tiny.denoiser.get_submodule(name)._forward_hooks
 
 
 def test_clear_errors(sd_tiny):

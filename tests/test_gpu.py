@@ -146,7 +146,7 @@ def sd15():
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.backbones import SDBackbone
     from topologies import sd15_text_config, sd15_unet_config, sd15_vae_config
     from diffseg_utils.toy.tokenizer import build_tokenizer
 
@@ -156,7 +156,7 @@ def sd15():
                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           steps_offset=1, clip_sample=False)
-    return _place(Backbone(unet=UNet2DConditionModel(**sd15_unet_config(TINY)), vae=AutoencoderKL(**sd15_vae_config(TINY)),
+    return _place(SDBackbone(unet=UNet2DConditionModel(**sd15_unet_config(TINY)), vae=AutoencoderKL(**sd15_vae_config(TINY)),
                            text_encoder=text, tokenizer=tok, scheduler=sched, device=DEVICE, dtype=DTYPE))
 
 
@@ -165,11 +165,11 @@ def ddpm256():
     """google/ddpm-ema-*-256's UNet2DModel topology."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.backbones import PixelBackbone
     from topologies import ddpm256_unet_config, ddpm_scheduler_config
 
     torch.manual_seed(0)
-    return _place(Backbone(unet=UNet2DModel(**ddpm256_unet_config(TINY)), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
+    return _place(PixelBackbone(unet=UNet2DModel(**ddpm256_unet_config(TINY)), scheduler=DDPMScheduler(**ddpm_scheduler_config()),
                            device=DEVICE, dtype=DTYPE))
 
 
@@ -179,12 +179,12 @@ def adm256():
     from diffusers import UNet2DModel
 
     from diffseg_utils.adm import adm_config, adm_scheduler
-    from diffseg_utils.backbones import Backbone
+    from diffseg_utils.backbones import PixelBackbone
     from topologies import ddpm256_unet_config
 
     torch.manual_seed(0)
     cfg = ddpm256_unet_config(tiny=True) if TINY else adm_config("ddpm-seg", eps_only=True)
-    return _place(Backbone(unet=UNet2DModel(**cfg), scheduler=adm_scheduler("ddpm-seg", eps_only=True), device=DEVICE,
+    return _place(PixelBackbone(unet=UNet2DModel(**cfg), scheduler=adm_scheduler("ddpm-seg", eps_only=True), device=DEVICE,
                            dtype=DTYPE))
 
 
@@ -206,7 +206,7 @@ def adm_features(adm256):
     from diffseg_utils import extract_features
 
     x, y = _images(3, adm256.resolution)
-    fm = guarded(adm256.unet, lambda: extract_features(adm256, x, BLOCKS, TIMESTEPS, batch_size=1, progress=False))
+    fm = guarded(adm256.denoiser, lambda: extract_features(adm256, x, BLOCKS, TIMESTEPS, batch_size=1, progress=False))
     return fm, y
 
 
@@ -221,7 +221,7 @@ def test_extract_features_google_ddpm_4224(ddpm256):
     from diffseg_utils import extract_features
 
     x, _ = _images(2, ddpm256.resolution)
-    fm = guarded(ddpm256.unet, lambda: extract_features(ddpm256, x, BLOCKS, TIMESTEPS, batch_size=1, progress=False))
+    fm = guarded(ddpm256.denoiser, lambda: extract_features(ddpm256, x, BLOCKS, TIMESTEPS, batch_size=1, progress=False))
     assert fm.channels == (4224 if not TINY else fm.channels)
     assert all(torch.isfinite(m).all() for m in fm.maps.values())
 
@@ -297,7 +297,7 @@ def test_emerdiff_sd15(sd15, K):
     x, _ = _images(1, sd15.resolution)
     K = K if not TINY else 3
     steps = 50 if not TINY else 3
-    res = guarded(sd15.unet, lambda: emerdiff_segment(sd15, x, K, num_steps=steps, progress=False))
+    res = guarded(sd15.denoiser, lambda: emerdiff_segment(sd15, x, K, num_steps=steps, progress=False))
     assert res.pixels.shape == (1, sd15.resolution, sd15.resolution)
     assert torch.isfinite(res.diffs).all() and res.diffs.shape[1] == K
 
@@ -308,9 +308,9 @@ def test_generate_and_daam_sd15(sd15):
 
     steps = 10 if not TINY else 3
     prompts, words = ["a photograph of a star", "a photograph of a ring"], ["star", "ring"]
-    imgs = guarded(sd15.unet, lambda: generate(sd15, prompts, num_steps=steps, guidance_scale=7.5), period=steps)
+    imgs = guarded(sd15.denoiser, lambda: generate(sd15, prompts, num_steps=steps, guidance_scale=7.5), period=steps)
     assert imgs.dtype == DTYPE and torch.isfinite(imgs).all()
-    out = guarded(sd15.unet, lambda: daam_segment(sd15, prompts, words, num_steps=steps, guidance_scale=7.5), period=steps)
+    out = guarded(sd15.denoiser, lambda: daam_segment(sd15, prompts, words, num_steps=steps, guidance_scale=7.5), period=steps)
     assert out.heatmaps.shape == (2, 1, sd15.resolution, sd15.resolution)
     assert torch.isfinite(out.heatmaps).all()
 
@@ -342,7 +342,7 @@ def test_grounding_sd15(sd15, tmp_path):
     steps = 10 if not TINY else 3
     names = ["star", "ring", "heart"]
     gm = GroundingModule.for_backbone(sd15)
-    batch = guarded(sd15.unet, lambda: generate_with_features(sd15, ["a photograph of a star"] * 2, num_steps=steps),
+    batch = guarded(sd15.denoiser, lambda: generate_with_features(sd15, ["a photograph of a star"] * 2, num_steps=steps),
                     period=steps)
     q = class_embeddings(sd15, names)
     with DeviceFloat64() as rec:
@@ -350,7 +350,7 @@ def test_grounding_sd15(sd15, tmp_path):
     assert not rec.found and masks.shape == (2, 3, sd15.resolution, sd15.resolution)
     for labeler, out in ((SegmenterLabeler(_Halves(names)), tmp_path / "seg"), (GroundingLabeler(sd15, gm, names),
                                                                                 tmp_path / "gm")):
-        guarded(sd15.unet, lambda: synthesize(sd15, labeler, out, num_samples=4, class_names=names, shard_size=2,
+        guarded(sd15.denoiser, lambda: synthesize(sd15, labeler, out, num_samples=4, class_names=names, shard_size=2,
                                               num_steps=steps, batch_size=2, progress=False), period=steps)
     shards = GroundingShards(tmp_path / "seg")
     assert len(shards) == 4

@@ -173,7 +173,7 @@ def test_resume_regenerates_only_missing_shards(toy, oracle_labeler, tmp_path):
     with pytest.raises(ValueError, match=r"(?s)seed.*new output directory"):
         synthesize(toy, counter, tmp_path, **{**kw, "seed": 2})
     # and so are other weights: a retrained backbone never silently reuses a stale dataset
-    w = next(toy.unet.parameters())
+    w = next(toy.denoiser.parameters())
     keep = w.detach().clone()
     try:
         with torch.no_grad():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from diffseg_utils.backbones import Conditioning
 from diffseg_utils.grounding.features import feature_groups, generate_with_features
 from diffseg_utils.grounding.labelers import GroundingLabeler, SegmenterLabeler
 from diffseg_utils.grounding.module import GroundingConfig, GroundingModule, class_embeddings
@@ -25,10 +26,10 @@ def test_features_from_the_generation_pass_equal_a_separate_unet_call(sd_tiny, s
         [torch.randn(bb.latent_channels, bb.latent_resolution, bb.latent_resolution,
                      generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     t = xs[step][0]
-    cond = torch.cat([bb.empty_prompt(2), bb.encode_prompt(prompts)])
+    cond = Conditioning.cat([bb.empty_prompt(2), bb.encode_prompt(prompts)])
     names = [n for ns in feature_groups(bb).values() for n in ns]
-    with CaptureOutputs(bb.unet, names) as cap:
-        bb.unet_forward(torch.cat([x_in, x_in]), t, cond)
+    with CaptureOutputs(bb.denoiser, names) as cap:
+        bb.predict(torch.cat([x_in, x_in]), t, cond)
     gen = generate_with_features(bb, prompts, num_steps=3, guidance_scale=g, seed=[5, 6], feature_step=step,
                                  dtype=torch.float32)
     assert gen.timestep == t

@@ -43,7 +43,7 @@ def test_ddpm256_layout_features(ddpm256_full):
 def test_ddpm256_ensemble_fits_on_paper_blocks(ddpm256_full):
     """DDPM-Seg's 4224-dim path (blocks 5,6,7,8,12 x t 50,150,250) trains and predicts (tiny budget)."""
     bb = ddpm256_full
-    assert adm_blocks(bb.unet, [5, 6, 7, 8, 12])[-1].startswith("up_blocks")
+    assert adm_blocks(bb.denoiser, [5, 6, 7, 8, 12])[-1].startswith("up_blocks")
     cfg = EnsembleConfig(num_classes=3, num_members=2, max_steps=3)
     seg = FewShotSegmenter(bb, [5, 6, 7, 8, 12], [50, 150, 250], 3, config=cfg, batch_size=1)
     img = torch.rand(1, 3, 256, 256)

@@ -39,4 +39,4 @@ def test_ddpm_bedroom_ddpmseg_blocks():
     bb = load_backbone("ddpm-bedroom")
     assert bb.kind == "pixel" and bb.resolution == 256
     b = bb.blocks()
-    assert sum(b[n].channels for n in adm_blocks(bb.unet, [5, 6, 7, 8, 12])) * 3 == 4224
+    assert sum(b[n].channels for n in adm_blocks(bb.denoiser, [5, 6, 7, 8, 12])) * 3 == 4224

@@ -52,13 +52,13 @@ def test_checkpoint_loading_names_a_wrong_file(tmp_path, sd_tiny):
         backbone_from_checkpoint(sd_tiny, tmp_path / "vae.pt")
     # other weights than the backbone's (doubled), so that a load that did nothing fails
     double = lambda m: {k: v * 2 if v.is_floating_point() else v for k, v in m.state_dict().items()}  # noqa: E731
-    st = {"unet": double(sd_tiny.unet), "text": double(sd_tiny.text_encoder)}
+    st = {"unet": double(sd_tiny.denoiser), "text": double(sd_tiny.text_encoder)}
     torch.save({"ema": st, "step": 7}, tmp_path / "unet_7.pt")
     bb = backbone_from_checkpoint(sd_tiny, tmp_path / "unet_7.pt")
-    assert bb.name.endswith("step 7") and bb.unet is not sd_tiny.unet
-    torch.testing.assert_close(bb.unet.state_dict(), st["unet"])
+    assert bb.name.endswith("step 7") and bb.denoiser is not sd_tiny.denoiser
+    torch.testing.assert_close(bb.denoiser.state_dict(), st["unet"])
     torch.testing.assert_close(bb.text_encoder.state_dict(), st["text"])
-    assert not torch.equal(next(sd_tiny.unet.parameters()), next(bb.unet.parameters()))  # the original is untouched
+    assert not torch.equal(next(sd_tiny.denoiser.parameters()), next(bb.denoiser.parameters()))  # the original is untouched
     st["unet"] = {k: v[..., :1] if v.ndim else v for k, v in st["unet"].items()}  # wrong shapes: another config
     torch.save({"ema": st, "step": 8}, tmp_path / "unet_8.pt")
     with pytest.raises(ValueError, match="another model config"):

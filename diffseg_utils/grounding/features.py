@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import Backbone
-from ..hooks import CaptureOutputs
 from ..sampling import generate
 from ..inputs import renamed_arguments
 
@@ -87,7 +86,7 @@ def generate_with_features(
                 snap[name] = torch.cat(o.chunk(2), dim=1) if use_cfg else o
             taken.append(t)
 
-    with CaptureOutputs(backbone.unet, names, transform=lambda o: o.detach().to(dtype)) as cap:
+    with backbone.capture(names, transform=lambda o: o.detach().to(dtype)) as cap:
         images = generate(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, callback=take)
     feats = {r: torch.cat([snap[b] for b in ns], dim=1) for r, ns in groups.items()}
     assert all(f.shape[0] == n for f in feats.values())

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones import Backbone
-from ..hooks import CaptureOutputs
+from ..backbones import Backbone, Conditioning
 from ..inputs import Geometry, ImageLike, restore_labels, renamed_arguments
 from .features import feature_groups, generate_with_features
 from .module import GroundingModule, class_embeddings, query_template
@@ -57,9 +56,7 @@ def _features_of_images(backbone: Backbone, x: torch.Tensor, prompts: list[str],
                         guidance_scale: float, feature_step: int, seed: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
     """Grounding features of real images: the latent noised to the timestep that generation's ``feature_step``
     would use, one UNet pass (``[uncond; cond]`` with guidance), blocks grouped as in generation."""
-    sched = backbone.ddim_scheduler()
-    sched.set_timesteps(num_steps)
-    t = int(sched.timesteps[feature_step])
+    t = backbone.sampler(num_steps).timesteps[feature_step].item()
     z0 = backbone.encode(x)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(z0.shape, generator=g).to(z0.device, z0.dtype)
@@ -67,12 +64,12 @@ def _features_of_images(backbone: Backbone, x: torch.Tensor, prompts: list[str],
     use_cfg = guidance_scale != 1.0
     cond = backbone.encode_prompt(prompts)
     if use_cfg:
-        cond = torch.cat([backbone.empty_prompt(len(prompts)), cond])
+        cond = Conditioning.cat([backbone.empty_prompt(len(prompts)), cond])
         zt = torch.cat([zt, zt])
     groups = feature_groups(backbone)
     names = [n for ns in groups.values() for n in ns]
-    with CaptureOutputs(backbone.unet, names, transform=lambda o: o.detach().to(dtype)) as cap:
-        backbone.unet_forward(zt, t, cond)
+    with backbone.capture(names, transform=lambda o: o.detach().to(dtype)) as cap:
+        backbone.predict(zt, t, cond)
     snap = {n: torch.cat(cap.outputs[n].chunk(2), dim=1) if use_cfg else cap.outputs[n] for n in names}
     return {r: torch.cat([snap[b] for b in ns], dim=1) for r, ns in groups.items()}
 

@@ -288,7 +288,7 @@ def class_embeddings(backbone: Backbone, names: Sequence[str], template: str | N
     template = prompt_template(backbone) if template is None else check_template(template)
     prompts = [template.format(n) for n in names]
     spans = [token_span(backbone.tokenizer, p, n) for p, n in zip(prompts, names)]
-    hidden = backbone.encode_prompt(prompts).float()                  # (K, L, D)
+    hidden = backbone.encode_prompt(prompts).embeds.float()           # (K, L, D)
     return torch.stack([hidden[i, s].mean(0) for i, s in enumerate(spans)])
 
 

@@ -65,7 +65,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- manifest
 def _manifest(backbone: Backbone, labeler: Labeler, **settings) -> dict[str, Any]:
     cfg = {"format_version": FORMAT_VERSION, "backbone": backbone.name,
-           "backbone_weights": weights_fingerprint(backbone.unet, backbone.text_encoder), **settings,
+           "backbone_weights": weights_fingerprint(backbone.denoiser, backbone.text_encoder), **settings,
            "labeler": labeler_config(labeler)}
     return json.loads(json.dumps(cfg))  # tuples -> lists, as they read back
 

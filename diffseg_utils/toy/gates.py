@@ -46,12 +46,12 @@ def pixel_backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -
     st = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(st, dict) or "ema" not in st or "step" not in st:
         raise ValueError(f"{checkpoint} is not a pixel-DDPM checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
-    unet = copy.deepcopy(backbone.unet)
+    unet = copy.deepcopy(backbone.denoiser)
     try:
         unet.load_state_dict(st["ema"])
     except RuntimeError as e:
         raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
-    return backbone.with_unet(unet, name=f"{backbone.name} @ step {int(st['step'])}")
+    return backbone.with_denoiser(unet, name=f"{backbone.name} @ step {int(st['step'])}")
 
 
 @torch.no_grad()

@@ -172,13 +172,13 @@ def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Back
     st = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(st, dict) or "ema" not in st or "step" not in st:
         raise ValueError(f"{checkpoint} is not a UNet checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
-    unet, text = copy.deepcopy(backbone.unet), copy.deepcopy(backbone.text_encoder)
+    unet, text = copy.deepcopy(backbone.denoiser), copy.deepcopy(backbone.text_encoder)
     try:
         unet.load_state_dict(st["ema"]["unet"])
         text.load_state_dict(st["ema"]["text"])
     except RuntimeError as e:
         raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
-    return backbone.with_unet(unet, name=f"{backbone.name} @ step {st['step']}", text_encoder=text)
+    return backbone.with_denoiser(unet, name=f"{backbone.name} @ step {st['step']}", text_encoder=text)
 
 
 TARGETS = {
