@@ -106,7 +106,7 @@ def _read_index(source: str, local_only: bool) -> tuple[dict | None, str]:
 
 
 def load_backbone(name_or_path: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                  *, allow_download: bool | None = None, adm_flags: dict | str | None = None) -> Backbone:
+                  *, allow_download: bool | None = None, adm_flags: dict | str | None = None, **options) -> Backbone:
     """Load a diffusers backbone by short name (see :func:`list_backbones`), local directory or hub id.
 
     A pipeline directory's ``model_index.json`` names its family (:data:`~diffseg_utils.backbones.FAMILIES`):
@@ -119,6 +119,8 @@ def load_backbone(name_or_path: str, device: torch.device | str | None = None, d
     preset named like the file, else DDPM-Seg's flags). The backbone's UNet predicts epsilon only
     (ADM's learned-variance channels are dropped; features are unaffected).
     ``device`` defaults to CUDA/MPS when present, else CPU; ``dtype`` to fp16 on CUDA, else fp32.
+    ``options`` go to the family (over the registry's): ``max_sequence_length`` (SD3, Flux, PixArt),
+    ``guidance`` (Flux), ``sample_size`` (the native latent side, for a config that names none).
     """
     if str(name_or_path).endswith((".pt", ".pth")) and name_or_path not in REGISTRY:
         return _load_adm_backbone(str(name_or_path), device, dtype, adm_flags)
@@ -139,7 +141,7 @@ def load_backbone(name_or_path: str, device: torch.device | str | None = None, d
     family = _family(index, source)
     try:
         bb = family.from_pretrained(root, index, kw=kw, mkw=mkw, has_subfolder=lambda sub: _has_subfolder(root, sub, kw),
-                                    name=name, device=device, dtype=dtype, **(dict(entry.options) if entry else {}))
+                                    name=name, device=device, dtype=dtype, **{**(entry.options if entry else {}), **options})
     except (OSError, ValueError, json.JSONDecodeError) as e:
         if isinstance(e, WeightsNotAvailableError):
             raise

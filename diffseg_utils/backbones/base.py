@@ -108,7 +108,7 @@ class Backbone:
     ``text_encoders`` / ``tokenizers`` (tuples, empty for unconditional models), ``kind``
     ("latent" or "pixel"), ``family``, ``name``, ``resolution`` (native image side),
     ``latent_resolution``, ``latent_channels``, ``vae_scale_factor`` (1 for pixel models),
-    ``device``, ``dtype``.
+    ``device``, ``dtype``. ``sample_size`` overrides the native latent side the config gives.
 
     A family subclass implements :meth:`encode_prompt` (conditional models), :meth:`_forward`
     and :meth:`hookable_modules`, and overrides :meth:`read_block` when its block outputs are
@@ -116,10 +116,12 @@ class Backbone:
     """
 
     family = "base"
+    default_sample_size = 64  # latent side when the denoiser's config names none (Flux's does not)
 
     def __init__(self, *, denoiser: nn.Module, scheduler, vae: nn.Module | None = None,
                  text_encoders: tuple = (), tokenizers: tuple = (), name: str = "",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 sample_size: int | None = None):
         self.name = name
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -131,7 +133,7 @@ class Backbone:
         self.noise = FlowNoise(scheduler) if "FlowMatch" in type(scheduler).__name__ else DDPMNoise(scheduler)
         self.kind = "latent" if vae is not None else "pixel"
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        cfg_size = denoiser.config.sample_size
+        cfg_size = sample_size or getattr(denoiser.config, "sample_size", None) or self.default_sample_size
         self.latent_resolution = int(cfg_size if isinstance(cfg_size, int) else cfg_size[0])
         self.resolution = self.latent_resolution * self.vae_scale_factor
         self.latent_channels = int(denoiser.config.in_channels)
@@ -235,23 +237,23 @@ class Backbone:
         return self.noise.add_noise(x0, self.check_timesteps(t, x0.shape[0]), noise)
 
     def check_timesteps(self, t: torch.Tensor | float | list, n: int) -> torch.Tensor:
-        """A (n,) tensor of timesteps on the backbone's device, checked against ``[0, T)``.
+        """A (n,) tensor of timesteps on the backbone's device, checked against ``[0, noise.max_t]``.
 
         Integer for DDPM-family schedules, float for flow matching. Python numbers / lists and CPU
         tensors are checked on the host (a clear ValueError); a tensor already on an accelerator is
         checked there without waiting for it (``torch._assert_async``): no host synchronisation.
         """
-        T, dt = self.noise.T, self.noise.timestep_dtype
+        T, top, dt = self.noise.T, self.noise.max_t, self.noise.timestep_dtype
         if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
             th = torch.as_tensor(t).to(dt)
-            if th.numel() and (float(th.min()) < 0 or float(th.max()) >= T):
-                raise ValueError(f"timesteps must lie in [0, {T - 1}] (the scheduler's num_train_timesteps={T}); got "
+            if th.numel() and (float(th.min()) < 0 or float(th.max()) > top):
+                raise ValueError(f"timesteps must lie in [0, {top}] (the scheduler's num_train_timesteps={T}); got "
                                  f"{float(th.min()):g}..{float(th.max()):g}")
             t = th.to(self.device)
         else:
             t = t.to(self.device, dt)
             if t.numel():
-                torch._assert_async(((t >= 0) & (t < T)).all())
+                torch._assert_async(((t >= 0) & (t <= top)).all())
         if t.ndim == 0:
             t = t.expand(n)
         return t

@@ -38,6 +38,7 @@ class FluxBackbone(TransformerMixin, Backbone):
     """
 
     family = "flux"
+    default_sample_size = 128  # 1024 px, Flux's native size (its config names none)
     block_lists = (("transformer_blocks", "joint"), ("single_transformer_blocks", "single"))
 
     def __init__(self, *, transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,

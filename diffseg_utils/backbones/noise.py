@@ -3,10 +3,10 @@
 A backbone's ``t`` is always the value its denoiser is conditioned on, in ``[0, T)`` with
 ``T = num_train_timesteps`` (1000 for every shipped family), and larger ``t`` is noisier:
 
-* :class:`DDPMNoise` (SD 1.x/2.x, SDXL, PixArt, pixel DDPMs / ADM): integer ``t``,
+* :class:`DDPMNoise` (SD 1.x/2.x, SDXL, PixArt, pixel DDPMs / ADM): integer ``t`` in ``[0, T)``,
   ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) e`` with the scheduler's own ``abar``.
 * :class:`FlowNoise` (SD3 / SD3.5, Flux): rectified flow, ``x_t = (1 - s) x_0 + s e`` with
-  ``s = t / T``; ``t`` may be fractional (the sampling grid's timesteps are). A scheduler's
+  ``s = t / T``, ``t`` in ``[0, T]``; ``t`` may be fractional (the sampling grid's timesteps are). A scheduler's
   ``shift`` only changes which ``s`` a sampling schedule visits, not what ``t`` means.
 
 So "t = 250" is the same *index* in both, not the same signal-to-noise ratio: the SNR is
@@ -27,6 +27,7 @@ class DDPMNoise:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.T = int(scheduler.config.num_train_timesteps)
+        self.max_t = self.T - 1
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``x_t``; coefficients in float32 whatever ``x0``'s dtype (in bfloat16 ``abar_1`` rounds to 1)."""
@@ -86,6 +87,7 @@ class FlowNoise:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.T = int(scheduler.config.num_train_timesteps)
+        self.max_t = self.T  # s = 1, pure noise: where sampling starts
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         s = (t.float() / self.T).view(-1, *([1] * (x0.ndim - 1)))

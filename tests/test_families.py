@@ -1,0 +1,145 @@
+"""Today's families (SDXL, SD3 / SD3.5, Flux, PixArt-Σ) at their real configurations, layers reduced.
+
+Each directory is written with ``save_pretrained`` and loaded by ``load_backbone(dir)``. The
+equivalence tests hold our code against the diffusers pipeline built on the very same weights:
+the text conditioning equals ``pipe.encode_prompt``, and ``generate`` equals ``pipe(...)`` from the
+same initial latents (with the pipeline's scheduler set to the one ``backbone.sampler`` uses).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffseg_utils import extract_features, load_backbone
+from diffseg_utils.backbones import FlowNoise, FluxBackbone, PixArtBackbone, SD3Backbone, SDXLBackbone
+from diffseg_utils.backbones.flux import pack, unpack
+from diffseg_utils.sampling import generate
+from families import WRITERS
+
+CLASSES = {"sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone, "pixart": PixArtBackbone}
+WIDTH = {"sd3": 1536, "flux": 3072, "pixart": 1152}  # transformer width = feature channels
+PROMPTS = ["a photo of a star", "a photo of a ring and a heart"]
+
+
+@pytest.fixture(scope="module", params=list(WRITERS))
+def family(request, tmp_path_factory):
+    name = request.param
+    path = WRITERS[name](tmp_path_factory.mktemp(name))
+    bb = load_backbone(str(path), device="cpu", **({"sample_size": 16} if name == "flux" else {}),
+                       **({"max_sequence_length": 32} if name in ("sd3", "flux", "pixart") else {}))
+    return name, path, bb
+
+
+def _pipeline(name: str, bb):
+    """The diffusers pipeline on the backbone's own modules, sampling with the scheduler our sampler uses."""
+    from diffusers import (DDIMScheduler, FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline,
+                           StableDiffusionXLPipeline)
+
+    te, tk = bb.text_encoders, bb.tokenizers
+    if name == "sdxl":
+        return StableDiffusionXLPipeline(vae=bb.vae, text_encoder=te[0], text_encoder_2=te[1], tokenizer=tk[0],
+                                         tokenizer_2=tk[1], unet=bb.denoiser,
+                                         scheduler=DDIMScheduler.from_config(bb.scheduler.config))
+    if name == "sd3":
+        return StableDiffusion3Pipeline(transformer=bb.denoiser, scheduler=bb.scheduler, vae=bb.vae, text_encoder=te[0],
+                                        tokenizer=tk[0], text_encoder_2=te[1], tokenizer_2=tk[1], text_encoder_3=te[2],
+                                        tokenizer_3=tk[2])
+    if name == "flux":
+        return FluxPipeline(transformer=bb.denoiser, scheduler=bb.scheduler, vae=bb.vae, text_encoder=te[0],
+                            tokenizer=tk[0], text_encoder_2=te[1], tokenizer_2=tk[1])
+    return PixArtSigmaPipeline(transformer=bb.denoiser, scheduler=DDIMScheduler.from_config(bb.scheduler.config),
+                               vae=bb.vae, text_encoder=te[0], tokenizer=tk[0])
+
+
+@pytest.mark.slow
+def test_loads_as_its_family_with_blocks_as_maps(family):
+    name, _, bb = family
+    assert type(bb) is CLASSES[name] and bb.kind == "latent" and bb.is_conditional
+    blocks = bb.blocks()
+    if name == "sdxl":
+        assert {b.channels for b in blocks.values() if b.name.startswith("up_blocks")} >= {320, 640, 1280}
+    else:
+        grid = bb.latent_resolution // bb._denoiser_stride()
+        assert blocks and all(b.resolution == (grid, grid) and b.channels == WIDTH[name] for b in blocks.values())
+    kinds = {b.kind for b in blocks.values()}
+    assert kinds == {"sdxl": {"block", "resnet", "attention", "upsampler", "downsampler"}, "sd3": {"joint"},
+                     "flux": {"joint", "single"}, "pixart": {"block"}}[name]
+
+
+@pytest.mark.slow
+def test_text_conditioning_equals_the_pipeline(family):
+    name, _, bb = family
+    pipe = _pipeline(name, bb)
+    c = bb.encode_prompt(PROMPTS)
+    if name == "sdxl":
+        emb, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
+                                               do_classifier_free_guidance=False)
+        want = (emb, pooled, None)
+    elif name == "sd3":
+        emb, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False,
+                                               max_sequence_length=bb.max_sequence_length)
+        want = (emb, pooled, None)
+    elif name == "flux":
+        emb, pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=bb.max_sequence_length)
+        want = (emb, pooled, None)
+    else:
+        emb, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, device="cpu",
+                                             max_sequence_length=bb.max_sequence_length)
+        want = (emb, None, mask)
+    for ours, theirs in zip((c.embeds, c.pooled, c.mask), want):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs.to(ours.dtype))
+
+
+@pytest.mark.slow
+def test_generate_equals_the_pipeline(family):
+    """Two steps with guidance (Flux: its embedded guidance) from the same initial latents."""
+    name, _, bb = family
+    pipe = _pipeline(name, bb)
+    r = bb.latent_resolution
+    x0 = torch.stack([torch.randn(bb.latent_channels, r, r, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    g = 1.0 if name == "flux" else 4.0
+    ours = generate(bb, PROMPTS, num_steps=2, guidance_scale=g, seed=[3, 4], return_latents=True)
+    kw = dict(num_inference_steps=2, output_type="latent", height=bb.resolution, width=bb.resolution)
+    if name == "flux":
+        theirs = unpack(pipe(PROMPTS, guidance_scale=bb.guidance, latents=pack(x0), max_sequence_length=bb.max_sequence_length,
+                             **kw).images, r, r)
+    elif name == "sd3":
+        theirs = pipe(PROMPTS, guidance_scale=g, latents=x0, max_sequence_length=bb.max_sequence_length, **kw).images
+    elif name == "pixart":
+        theirs = pipe(PROMPTS, guidance_scale=g, latents=x0, max_sequence_length=bb.max_sequence_length,
+                      use_resolution_binning=False, **kw).images
+    else:
+        theirs = pipe(PROMPTS, guidance_scale=g, latents=x0, **kw).images
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_features_of_a_batch_equal_one_image_at_a_time(family):
+    name, _, bb = family
+    block = list(bb.blocks())[-1]
+    x = torch.rand(2, 3, bb.resolution, bb.resolution)
+    both = extract_features(bb, x, [block], [250], dtype=torch.float32, progress=False)
+    for i in range(2):
+        one = extract_features(bb, x[i:i + 1], [block], [250], dtype=torch.float32, progress=False)
+        torch.testing.assert_close(both.maps[(250, block)][i:i + 1], one.maps[(250, block)], atol=1e-4, rtol=1e-4)
+
+
+def test_flow_step_equals_the_scheduler_step():
+    """FlowNoise.step between grid points == FlowMatchEulerDiscreteScheduler.step (shift 3, as SD3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    noise = FlowNoise(sched)
+    ref = FlowMatchEulerDiscreteScheduler.from_config(sched.config)
+    ref.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    ts = ref.timesteps.tolist()
+    for i, t in enumerate(ts):
+        want = ref.step(v, ref.timesteps[i], x).prev_sample
+        torch.testing.assert_close(noise.step(v, t, ts[i + 1] if i + 1 < len(ts) else None, x), want)
+    x0 = torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([250.0, 750.0])
+    torch.testing.assert_close(noise.add_noise(x0, t, v), (1 - t / 1000).view(-1, 1, 1, 1) * x0 + (t / 1000).view(-1, 1, 1, 1) * v)
