@@ -143,3 +143,27 @@ def test_flow_step_equals_the_scheduler_step():
     x0 = torch.randn(2, 16, 8, 8, generator=g)
     t = torch.tensor([250.0, 750.0])
     torch.testing.assert_close(noise.add_noise(x0, t, v), (1 - t / 1000).view(-1, 1, 1, 1) * x0 + (t / 1000).view(-1, 1, 1, 1) * v)
+
+
+@pytest.mark.slow
+def test_joint_attention_maps_leave_generation_bitwise_unchanged(family):
+    """ConceptAttention and joint cross-attention on the MM-DiTs (Flux: rotary positions, concepts at zero)."""
+    from diffseg_utils.joint_attention import JointAttentionMaps
+
+    name, _, bb = family
+    if name not in ("sd3", "flux"):
+        with pytest.raises(ValueError, match="daam_segment"):
+            JointAttentionMaps(bb, concepts=["star", "background"])
+        return
+    r = bb.latent_resolution
+    x = torch.randn(1, bb.latent_channels, r, r, generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_prompt(PROMPTS[:1])
+    plain = bb.predict(x, 600, cond)
+    with JointAttentionMaps(bb, concepts=["star", "background"]) as jam:
+        hooked = bb.predict(x, 600, cond)
+    assert torch.equal(plain, hooked)
+    grid = r // bb._denoiser_stride()
+    cm, xm = jam.concept_maps(), jam.cross_maps()
+    assert cm.shape == (1, 2, grid, grid) and xm.shape == (1, cond.embeds.shape[1], grid, grid)
+    torch.testing.assert_close(cm.sum(1), torch.ones(1, grid, grid))
+    assert float(xm.min()) >= 0 and float(xm.sum(1).max()) <= 1 + 1e-5

@@ -179,6 +179,11 @@ class Backbone:
         return self.tokenizers[0] if self.tokenizers else None
 
     @property
+    def prompt_tokenizer(self):
+        """The tokenizer whose token positions index ``encode_prompt(...).embeds`` (from position 0)."""
+        return self.tokenizer
+
+    @property
     def is_conditional(self) -> bool:
         """True when the denoiser takes text conditioning."""
         return bool(self.text_encoders)

@@ -49,6 +49,10 @@ class FluxBackbone(TransformerMixin, Backbone):
         self.max_sequence_length = int(max_sequence_length)
         self.guidance = float(guidance)
 
+    @property
+    def prompt_tokenizer(self):
+        return self.tokenizers[1]  # the embeds are T5's tokens
+
     def _denoiser_stride(self) -> int:
         return 2 * int(self.denoiser.config.patch_size)
 

@@ -1,0 +1,248 @@
+"""Training-free maps from multi-modal diffusion transformers (SD3 / SD3.5, Flux, the toy MM-DiT).
+
+* **ConceptAttention** (Helbling et al., ICML 2025): each concept ("cat", "background") is
+  encoded on its own; its first token enters the transformer as an extra *concept* stream that
+  goes through every joint block with the **text stream's own weights** (modulation, attention
+  projections, MLP). Concept queries attend to [concepts, image] keys; nothing flows back into
+  the image or text streams (generation is bitwise unchanged). The map of a layer is the dot
+  product of image and concept tokens in the attention *output* space (before the output
+  projections), softmaxed over concepts; layers and timesteps are averaged.
+* **Joint cross-attention** (the transformer analog of DAAM; Seg4Diff reads it on SD3): the
+  probabilities of image queries on the text keys of the joint softmax, averaged over heads.
+
+>>> with JointAttentionMaps(bb, concepts=["circle", "background"], layers=[2, 3]) as jam:   # doctest: +SKIP
+...     bb.predict(x_t, t, cond)
+>>> jam.concept_maps()            # (N, K, h, w), sums to 1 over K
+>>> jam.cross_maps()              # (N, L, h, w), image -> text-token probabilities
+
+How the concept stream runs: after a joint block's normal forward (untouched), the block is
+called once more with the concept tokens in place of the text tokens (Flux: at position zero),
+and that call's text-stream output is the concept stream's next state; its image output is
+thrown away. So the concept tokens see exactly the weights the text tokens see, at the price of
+a second pass of each block up to the last chosen layer. Only joint blocks whose text stream
+continues can carry it (not SD3's last block, ``context_pre_only``, nor Flux's single-stream
+blocks, which have no separate text weights).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .backbones import Backbone
+from .backbones.base import tokens_to_map
+from .inputs import restore_labels
+from .text import token_span
+
+__all__ = ["JointAttentionMaps", "JointMapsResult", "concept_attention", "joint_blocks", "concept_tokens"]
+
+
+def joint_blocks(backbone: Backbone) -> list[int]:
+    """Indices ``i`` of ``transformer_blocks.{i}`` that are joint blocks with a text stream that continues."""
+    blocks = getattr(backbone.denoiser, "transformer_blocks", None)
+    out = [i for i, b in enumerate(blocks or []) if getattr(b, "attn", None) is not None
+           and getattr(b.attn, "to_add_out", None) is not None and hasattr(b, "norm1_context")]
+    if not out:
+        raise ValueError(f"{type(backbone.denoiser).__name__} has no joint text/image blocks: ConceptAttention and "
+                         "joint cross-attention need an MM-DiT (SD3 / SD3.5, Flux, toy-sd3); for UNets and PixArt "
+                         "use the cross-attention maps (daam_segment)")
+    return out
+
+
+@torch.no_grad()
+def concept_tokens(backbone: Backbone, concepts: Sequence[str]) -> torch.Tensor:
+    """Each concept encoded on its own; the embedding of its first token: ``(K, joint_attention_dim)``.
+
+    The token is found with the tokenizer whose tokens index the conditioning (after CLIP's BOS,
+    T5's first), so multi-token concepts keep their first token only, as ConceptAttention does.
+    """
+    if not concepts:
+        raise ValueError("concepts is empty; give at least two, e.g. ['cat', 'background']")
+    tok = backbone.prompt_tokenizer
+    rows = []
+    for c in concepts:
+        emb = backbone.encode_prompt([c]).embeds[0]
+        rows.append(emb[token_span(tok, c, c)[0]])
+    return torch.stack(rows)
+
+
+class JointAttentionMaps:
+    """Context manager: ConceptAttention and joint cross-attention maps during any denoiser calls.
+
+    backbone: an MM-DiT backbone (joint blocks: see :func:`joint_blocks`).
+    concepts: concept words for ConceptAttention (None: joint cross-attention only).
+    layers:   indices of joint blocks whose maps are averaged (default: every eligible one).
+    rows:     which batch rows to record: "all", or "second_half" for ``[uncond; cond]`` batches.
+
+    Maps accumulate (float32, on the token grid) over every denoiser call inside the block;
+    ``concept_maps()`` / ``cross_maps()`` return the mean over calls and layers.
+    """
+
+    def __init__(self, backbone: Backbone, concepts: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                 rows: str = "all"):
+        eligible = joint_blocks(backbone)
+        self.layers = sorted(eligible if layers is None else {int(i) for i in layers})
+        bad = [i for i in self.layers if i not in eligible]
+        if bad:
+            raise ValueError(f"layers {bad} are not joint blocks with a continuing text stream; eligible: {eligible}")
+        if rows not in ("all", "second_half"):
+            raise ValueError(f"rows must be 'all' or 'second_half', got {rows!r}")
+        self.backbone, self.rows = backbone, rows
+        self.concepts = list(concepts) if concepts is not None else None
+        self._handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._concept_sum = self._cross_sum = None
+        self._n = 0
+
+    # ---------------------------------------------------------------- install / remove
+    def __enter__(self) -> "JointAttentionMaps":
+        if self._handles:
+            raise RuntimeError("JointAttentionMaps is already installed")
+        tr = self.backbone.denoiser
+        self._c0 = None
+        if self.concepts is not None:
+            self._c0 = tr.context_embedder(concept_tokens(self.backbone, self.concepts).to(self.backbone.dtype))  # (K, W)
+        self._handles.append(tr.register_forward_pre_hook(self._start_call))
+        last = max(self.layers) if self.concepts is not None else -1  # the concept stream runs up to here
+        carry = [i for i in joint_blocks(self.backbone) if i <= last]
+        for i in sorted(set(carry) | set(self.layers)):
+            block = tr.transformer_blocks[i]
+            self._handles.append(block.register_forward_hook(
+                lambda m, args, kwargs, out, i=i: self._after_block(i, m, kwargs, out), with_kwargs=True))
+            attn = block.attn
+            self._handles.append(attn.to_out[0].register_forward_pre_hook(lambda m, a, i=i: self._grab("img", i, a[0])))
+            self._handles.append(attn.to_add_out.register_forward_pre_hook(lambda m, a, i=i: self._grab("txt", i, a[0])))
+            for name in ("to_q", "to_k", "add_k_proj"):
+                self._handles.append(getattr(attn, name).register_forward_hook(
+                    lambda m, a, out, i=i, name=name: self._grab(name, i, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ---------------------------------------------------------------- during a forward
+    def _start_call(self, module, args) -> None:
+        self._state = None       # the concept stream, (B, K, W)
+        self._phase = "real"     # "real": the block's own call; "concept": our second call
+        self._grabbed: dict = {}
+        self._n += 1
+
+    def _grab(self, what: str, i: int, t: torch.Tensor) -> None:
+        self._grabbed[(self._phase, what, i)] = t
+
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x.shape[0] // 2:] if self.rows == "second_half" else x
+
+    def _after_block(self, i: int, block, kwargs: dict, out) -> None:
+        if self._phase != "real":
+            return
+        text = kwargs["encoder_hidden_states"]
+        grid = self.backbone._grid
+        if i in self.layers:
+            self._record_cross(i, block.attn, kwargs, text.shape[1], grid)
+        if self._c0 is None:
+            return
+        B = text.shape[0]
+        if self._state is None:
+            self._state = self._c0[None].expand(B, -1, -1)
+        kw = dict(kwargs, encoder_hidden_states=self._state)
+        rot = kwargs.get("image_rotary_emb")
+        if rot is not None:  # Flux: text first, all text positions are zero; concepts at position zero too
+            L, K = text.shape[1], self._state.shape[1]
+            kw["image_rotary_emb"] = tuple(torch.cat([r[:1].expand(K, -1), r[L:]]) for r in rot)
+        self._phase = "concept"
+        try:
+            new_state, _ = block(**kw)
+        finally:
+            self._phase = "real"
+        if i in self.layers:
+            img = self._grabbed[("real", "img", i)]          # (B, N, W): image attention outputs, pre-projection
+            con = self._grabbed[("concept", "txt", i)]       # (B, K, W): concept attention outputs, pre-projection
+            sim = torch.einsum("bnw,bkw->bkn", self._select(img).float(), self._select(con).float())
+            maps = sim.softmax(dim=1)                         # over concepts
+            self._add("_concept_sum", tokens_to_map(maps.transpose(1, 2), grid))
+        self._state = new_state
+
+    def _record_cross(self, i: int, attn, kwargs: dict, L: int, grid) -> None:
+        """Image-query probabilities on the text keys of the joint softmax, mean over heads: (B, L, h, w)."""
+        g = self._grabbed
+        d = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
+
+        def heads(x, norm):
+            x = x.unflatten(-1, (-1, d))                      # (B, S, heads, d)
+            return norm(x) if norm is not None else x
+        q = heads(g[("real", "to_q", i)], getattr(attn, "norm_q", None))
+        k_img = heads(g[("real", "to_k", i)], getattr(attn, "norm_k", None))
+        k_txt = heads(g[("real", "add_k_proj", i)], getattr(attn, "norm_added_k", None))
+        rot = kwargs.get("image_rotary_emb")
+        if rot is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q = apply_rotary_emb(q, tuple(r[L:] for r in rot), sequence_dim=1)
+            k_img = apply_rotary_emb(k_img, tuple(r[L:] for r in rot), sequence_dim=1)
+            k_txt = apply_rotary_emb(k_txt, tuple(r[:L] for r in rot), sequence_dim=1)
+        q, k = self._select(q).float(), self._select(torch.cat([k_txt, k_img], 1)).float()
+        probs = torch.einsum("bnhd,bshd->bhns", q, k).mul_(getattr(attn, "scale", d ** -0.5)).softmax(-1)[..., :L].mean(1)  # (B, N, L)
+        self._add("_cross_sum", tokens_to_map(probs, grid))
+
+    def _add(self, name: str, m: torch.Tensor) -> None:
+        cur = getattr(self, name)
+        setattr(self, name, m if cur is None else cur + m)
+
+    # ---------------------------------------------------------------- results
+    def concept_maps(self) -> torch.Tensor:
+        """ConceptAttention maps ``(N, K, h, w)`` on the token grid, mean over calls and layers (sum 1 over K)."""
+        if self._concept_sum is None:
+            raise RuntimeError("no concept maps: pass concepts=... and run the denoiser inside the with block")
+        return self._concept_sum / (self._n * len(self.layers))
+
+    def cross_maps(self) -> torch.Tensor:
+        """Joint cross-attention maps ``(N, L, h, w)``: image-query probability on each text token."""
+        if self._cross_sum is None:
+            raise RuntimeError("no maps recorded: run the denoiser inside the with block")
+        return self._cross_sum / (self._n * len(self.layers))
+
+
+@dataclass
+class JointMapsResult:
+    """ConceptAttention on a batch of images: maps and labels at each image's size.
+
+    maps:   (N, K, H, W) float32, softmax over the K concepts (averaged over layers and timesteps).
+    labels: (N, H, W) int64, the argmax concept index.
+    (Lists of per-image tensors when the input images differ in size.)
+    """
+
+    maps: torch.Tensor
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def concept_attention(backbone: Backbone, images, concepts: Sequence[str], *, timesteps: Sequence[float] = (500,),
+                      layers: Sequence[int] | None = None, prompt: str = "", seed: int = 0,
+                      size: int | None = None) -> JointMapsResult:
+    """ConceptAttention on real images: each image noised to each ``t`` (one shared noise draw from ``seed``),
+    one denoiser forward per ``t`` with the concept stream; maps at the input size.
+
+    images:   anything :func:`~diffseg_utils.inputs.prepare_images` takes.
+    concepts: K words, e.g. ``["cat", "background"]`` (the ImageNet-Segmentation protocol) or a class list.
+    timesteps: noise levels (the backbone's ``t``; flow: ``t = 1000 s``).
+    layers:   joint-block indices (default every eligible block; the paper's Flux choice is 15-18).
+    prompt:   the text condition of the forward ("" = unconditional, as ConceptAttention on real images).
+    """
+    from .features import make_noise
+
+    x, geo = backbone.preprocess(images, size=size, return_geometry=True)
+    z0 = backbone.encode(x)
+    cond = backbone.encode_prompt([prompt] * len(z0)) if prompt else backbone.empty_prompt(len(z0))
+    eps = make_noise(backbone, len(z0), "shared", seed)
+    with JointAttentionMaps(backbone, concepts=concepts, layers=layers) as jam:
+        for t in timesteps:
+            backbone.predict(backbone.add_noise(z0, t, eps), t, cond)
+    maps = restore_labels(jam.concept_maps(), geo)  # bilinear from the token grid to each image's own size
+    labels = [m.argmax(0) for m in maps] if isinstance(maps, list) else maps.argmax(1)
+    return JointMapsResult(maps=maps, labels=labels)

@@ -1,0 +1,113 @@
+"""ConceptAttention and joint cross-attention: never feed back, and equal a plain computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffseg_utils.backbones import SD3Backbone
+from diffseg_utils.joint_attention import JointAttentionMaps, concept_attention, concept_tokens, joint_blocks
+
+CONCEPTS = ["star", "ring", "background"]
+
+
+@pytest.fixture(scope="module")
+def sd3_micro(tmp_path_factory):
+    """A micro SD3 (4 joint blocks, qk RMS-norm, no T5) on the repo's offline tokenizer."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffseg_utils.toy.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), model_max_length=16)
+    clip = lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                               caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+                               qk_norm="rms_norm")
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    return SD3Backbone(transformer=tr, vae=vae, text_encoder=clip(), text_encoder_2=clip(), tokenizer=tok,
+                       tokenizer_2=tok, scheduler=FlowMatchEulerDiscreteScheduler(), max_sequence_length=0,
+                       device="cpu")
+
+
+def _inputs(bb, n=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, bb.latent_channels, bb.latent_resolution, bb.latent_resolution, generator=g)
+    return x, torch.full((n,), 600.0), bb.encode_prompt(["a photo of a star and a ring"] * n)
+
+
+def test_generation_is_bitwise_unchanged(sd3_micro):
+    bb = sd3_micro
+    x, t, cond = _inputs(bb)
+    plain = bb.predict(x, t, cond)
+    with JointAttentionMaps(bb, concepts=CONCEPTS) as jam:
+        hooked = bb.predict(x, t, cond)
+    assert torch.equal(plain, hooked)
+    assert jam.concept_maps().shape == (2, 3, 8, 8) and jam.cross_maps().shape == (2, 16, 8, 8)
+    torch.testing.assert_close(jam.concept_maps().sum(1), torch.ones(2, 8, 8))
+    procs = {n: type(m.processor) for n, m in bb.denoiser.named_modules() if hasattr(m, "processor")}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bb.denoiser.modules())
+    assert hooks == 0 and all(p.__name__ == "JointAttnProcessor2_0" for p in procs.values())
+
+
+def _plain_attention(attn, x_img, x_txt):
+    """softmax(QK^T / sqrt(d)) V over the joint [image, text] sequence, per head, before any output projection."""
+    d = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
+    sp = lambda y: y.unflatten(-1, (-1, d)).transpose(1, 2)                      # (B, heads, S, d)
+    q = torch.cat([attn.norm_q(sp(attn.to_q(x_img))), attn.norm_added_q(sp(attn.add_q_proj(x_txt)))], 2)
+    k = torch.cat([attn.norm_k(sp(attn.to_k(x_img))), attn.norm_added_k(sp(attn.add_k_proj(x_txt)))], 2)
+    v = torch.cat([sp(attn.to_v(x_img)), sp(attn.add_v_proj(x_txt))], 2)
+    p = (q @ k.transpose(-1, -2) / d ** 0.5).softmax(-1)
+    out = (p @ v).transpose(1, 2).flatten(2)                                     # (B, S, W)
+    N = x_img.shape[1]
+    return out[:, :N], out[:, N:], p[..., :N, N:].mean(1)                         # image out, text out, img->text probs
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_maps_equal_a_plain_computation(sd3_micro, layer):
+    """The concept stream through blocks < layer by the blocks' own forward, then the attention by hand."""
+    bb = sd3_micro
+    x, t, cond = _inputs(bb)
+    blocks = bb.denoiser.transformer_blocks
+    inputs = {}
+    hs = [blk.register_forward_pre_hook(lambda m, a, kw, i=i: inputs.__setitem__(i, kw), with_kwargs=True)
+          for i, blk in enumerate(blocks)]
+    try:
+        bb.predict(x, t, cond)
+    finally:
+        for h in hs:
+            h.remove()
+    c = bb.denoiser.context_embedder(concept_tokens(bb, CONCEPTS))[None].expand(2, -1, -1)
+    for i in range(layer):
+        c, _ = blocks[i](hidden_states=inputs[i]["hidden_states"], encoder_hidden_states=c, temb=inputs[i]["temb"])
+    kw, blk = inputs[layer], blocks[layer]
+    img_in = blk.norm1(kw["hidden_states"], emb=kw["temb"])[0]
+    img_out, _, cross = _plain_attention(blk.attn, img_in, blk.norm1_context(kw["encoder_hidden_states"], emb=kw["temb"])[0])
+    _, con_out, _ = _plain_attention(blk.attn, img_in, blk.norm1_context(c, emb=kw["temb"])[0])
+    want = torch.einsum("bnw,bkw->bkn", img_out, con_out).softmax(1).view(2, 3, 8, 8)
+    with JointAttentionMaps(bb, concepts=CONCEPTS, layers=[layer]) as jam:
+        bb.predict(x, t, cond)
+    torch.testing.assert_close(jam.concept_maps(), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(jam.cross_maps(), cross.transpose(1, 2).reshape(2, -1, 8, 8), atol=1e-6, rtol=1e-4)
+
+
+def test_concept_attention_on_images_and_errors(sd3_micro):
+    bb = sd3_micro
+    imgs = [torch.rand(3, 32, 32), torch.rand(3, 24, 40)]
+    res = concept_attention(bb, imgs, CONCEPTS, timesteps=[300, 700], layers=[1, 2])
+    assert [tuple(m.shape) for m in res.maps] == [(3, 32, 32), (3, 24, 40)]
+    assert [tuple(lab.shape) for lab in res.labels] == [(32, 32), (24, 40)]
+    assert joint_blocks(bb) == [0, 1, 2]  # the last block is context_pre_only: no continuing text stream
+    with pytest.raises(ValueError, match="eligible"):
+        JointAttentionMaps(bb, concepts=CONCEPTS, layers=[3])
+    with pytest.raises(ValueError, match="concepts is empty"):
+        concept_attention(bb, imgs, [])
+
+
+def test_unets_are_refused_with_the_alternative(sd_tiny):
+    with pytest.raises(ValueError, match="daam_segment"):
+        JointAttentionMaps(sd_tiny, concepts=CONCEPTS)
