@@ -111,25 +111,31 @@ class ControlledAttnProcessor:
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    """An attention layer of the UNet: its path, whether it is cross-attention, and its token grid."""
+    """An attention layer of the denoiser: its path, whether it is cross-attention, and its token grid."""
 
     path: str           # e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     cross: bool
     resolution: tuple[int, int]
-    block: str          # the hookable block it lives in, e.g. "up_blocks.1.attentions.0"
+    block: str          # the hookable block it lives in, e.g. "up_blocks.1.attentions.0", "transformer_blocks.3"
 
 
 def attention_layers(backbone: Backbone) -> list[AttentionLayer]:
-    """Every diffusers ``Attention`` module of the UNet, in definition order, with its resolution."""
+    """Every self- or cross-attention module (diffusers ``Attention``) in definition order, with its grid.
+
+    UNets: their attention blocks' layers; PixArt: ``attn1`` / ``attn2`` of each block; SD3.5's
+    extra image self-attention. Joint text/image attention (SD3, Flux) is not listed: its maps
+    come from :mod:`diffseg_utils.joint_attention`.
+    """
     from diffusers.models.attention_processor import Attention
 
     blocks = backbone.blocks()
     out = []
     for path, m in backbone.denoiser.named_modules():
-        if isinstance(m, Attention):
-            parent = next((b for b in blocks if (path == b or path.startswith(b + ".")) and blocks[b].kind == "attention"), None)
-            if parent is None:
-                continue
+        if not isinstance(m, Attention) or getattr(m, "added_kv_proj_dim", None) is not None:
+            continue
+        parents = [b for b in blocks if path == b or path.startswith(b + ".")]
+        if parents:
+            parent = max(parents, key=len)
             out.append(AttentionLayer(path, bool(m.is_cross_attention), blocks[parent].resolution, parent))
     return out
 

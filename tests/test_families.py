@@ -167,3 +167,16 @@ def test_joint_attention_maps_leave_generation_bitwise_unchanged(family):
     assert cm.shape == (1, 2, grid, grid) and xm.shape == (1, cond.embeds.shape[1], grid, grid)
     torch.testing.assert_close(cm.sum(1), torch.ones(1, grid, grid))
     assert float(xm.min()) >= 0 and float(xm.sum(1).max()) <= 1 + 1e-5
+
+
+@pytest.mark.slow
+def test_daam_on_cross_attention_families(family):
+    """DAAM's cross-attention maps on SDXL (UNet) and PixArt-Σ (DiT cross-attention to T5)."""
+    from diffseg_utils import daam_segment
+
+    name, _, bb = family
+    if name not in ("sdxl", "pixart"):
+        return
+    res = daam_segment(bb, PROMPTS, [["star"], ["ring", "heart"]], num_steps=2, guidance_scale=4.0)
+    assert res.heatmaps.shape == (2, 2, bb.resolution, bb.resolution) and res.masks.any()
+    assert float(res.heatmaps.amax()) == 1.0 and float(res.heatmaps[0, 1].abs().max()) == 0.0
