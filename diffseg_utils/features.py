@@ -133,9 +133,8 @@ def resolve_blocks(backbone: Backbone, blocks: Sequence[str | int]) -> list[str]
     for b in blocks:
         name = adm_output_block(backbone.denoiser, b) if isinstance(b, int) else b
         if name not in valid:
-            ups = [n for n in valid if n.startswith("up_blocks")]
-            raise ValueError(f"unknown block {b!r}. Valid names (backbone.blocks()) include the up-path: {ups}; "
-                             f"all: {len(valid)} names from down_blocks.*, mid_block*, up_blocks.*")
+            raise ValueError(f"unknown block {b!r}. Valid names (backbone.blocks()) include "
+                             f"{backbone.feature_blocks()}; all: {len(valid)} names, e.g. {list(valid)[:3]}")
         out.append(name)
     return out
 

@@ -24,9 +24,10 @@ from .probes import ProbeTable, probe_grid
 
 
 def decoder_blocks(backbone: Backbone) -> list[str]:
-    """Every hookable sub-module of the UNet's decoder (``up_blocks.*``) except the upsamplers,
-    in forward order: the candidates DDPM-Seg's analysis sweeps."""
-    return [n for n in backbone.blocks() if n.startswith("up_blocks") and ".upsamplers" not in n]
+    """The candidates DDPM-Seg's analysis sweeps, in forward order: every hookable sub-module of a
+    UNet's decoder (``up_blocks.*``) except the upsamplers; for a transformer every block (a DiT has
+    no decoder: all its blocks share one token grid)."""
+    return backbone.feature_blocks()
 
 
 @dataclass

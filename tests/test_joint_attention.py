@@ -4,34 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffseg_utils.backbones import SD3Backbone
 from diffseg_utils.joint_attention import JointAttentionMaps, concept_attention, concept_tokens, joint_blocks
 
 CONCEPTS = ["star", "ring", "background"]
-
-
-@pytest.fixture(scope="module")
-def sd3_micro(tmp_path_factory):
-    """A micro SD3 (4 joint blocks, qk RMS-norm, no T5) on the repo's offline tokenizer."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from diffseg_utils.toy.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), model_max_length=16)
-    clip = lambda: CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    tr = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
-                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                               caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
-                               qk_norm="rms_norm")
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
-    return SD3Backbone(transformer=tr, vae=vae, text_encoder=clip(), text_encoder_2=clip(), tokenizer=tok,
-                       tokenizer_2=tok, scheduler=FlowMatchEulerDiscreteScheduler(), max_sequence_length=0,
-                       device="cpu")
 
 
 def _inputs(bb, n=2):

@@ -290,6 +290,10 @@ class Backbone:
         """name -> (kind, module) for every sub-module whose output is a feature map, in definition order."""
         raise NotImplementedError
 
+    def feature_blocks(self) -> list[str]:
+        """The blocks a representation analysis sweeps (UNets: the decoder; transformers: every block)."""
+        return list(self.blocks())
+
     def read_block(self, output: Any) -> torch.Tensor:
         """A hooked sub-module's output as a feature map ``(N, C, h, w)``."""
         return first_tensor(output)

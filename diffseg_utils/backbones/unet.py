@@ -30,6 +30,9 @@ class UNetMixin:
     def _denoiser_stride(self) -> int:
         return 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 
+    def feature_blocks(self) -> list[str]:
+        return [n for n in self.blocks() if n.startswith("up_blocks") and ".upsamplers" not in n]
+
 
 def adm_output_block(unet: nn.Module, index: int) -> str:
     """The diffusers module path whose output equals ADM's ``output_blocks[index]`` output.

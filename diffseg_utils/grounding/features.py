@@ -18,14 +18,14 @@ from ..inputs import renamed_arguments
 
 
 def feature_groups(backbone: Backbone) -> dict[int, list[str]]:
-    """Block names per output resolution (height), lowest resolution first.
+    """Top-level block names per output resolution (height), lowest resolution first (a DiT: one group).
 
     >>> feature_groups(sd15)   # doctest: +SKIP
     {8: ['down_blocks.3', 'mid_block', 'up_blocks.0'], 16: [...], 32: [...], 64: [...]}
     """
     groups: dict[int, list[str]] = {}
     for name, info in backbone.blocks().items():
-        if info.kind == "block":
+        if info.kind in ("block", "joint", "single"):  # top-level blocks, UNet or transformer
             groups.setdefault(info.resolution[0], []).append(name)
     return dict(sorted(groups.items()))
 

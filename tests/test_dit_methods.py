@@ -1,0 +1,35 @@
+"""The methods that only need blocks and noise run unchanged on a diffusion transformer (micro SD3)."""
+from __future__ import annotations
+
+import torch
+
+import diffseg_utils as ds
+from diffseg_utils.sampling import generate
+
+
+def test_blocks_are_token_grids(sd3_micro):
+    blocks = sd3_micro.blocks()
+    assert list(blocks) == [f"transformer_blocks.{i}" for i in range(4)]
+    assert all(b.kind == "joint" and b.resolution == (8, 8) and b.channels == 16 for b in blocks.values())
+    assert ds.decoder_blocks(sd3_micro) == list(blocks)
+
+
+def test_fewshot_segmenter_on_transformer_features(sd3_micro):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    y = (x[:, 0] > 0.5).long()  # a learnable two-class labelling of the pixels
+    from diffseg_utils.pixel_classifier import EnsembleConfig
+
+    cfg = EnsembleConfig(num_classes=2, num_members=2, max_steps=40)
+    seg = ds.FewShotSegmenter(sd3_micro, ["transformer_blocks.1", "transformer_blocks.2"], [100, 400], 2, config=cfg,
+                              min_class_pixels=1).fit(x[:3], y[:3])
+    res = seg.predict(x[3:])
+    assert res.labels.shape == (1, 32, 32) and res.labels.dtype == torch.long
+
+
+def test_generate_and_flow_noise(sd3_micro):
+    img = generate(sd3_micro, ["a photo of a star"], num_steps=3, guidance_scale=3.0)
+    assert img.shape == (1, 3, sd3_micro.resolution, sd3_micro.resolution) and img.abs().max() <= 1
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.equal(sd3_micro.add_noise(z, 0, torch.randn_like(z)), z)
+    torch.testing.assert_close(sd3_micro.add_noise(z, 1000.0, 2 * z), 2 * z)
