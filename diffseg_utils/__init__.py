@@ -2,8 +2,9 @@
 
 ``import diffseg_utils as ds`` gives every entry point:
 
-* backbones: :func:`load_backbone` (short name, hub id, local directory or ADM ``.pt``),
-  :class:`Backbone`, :func:`list_backbones`, :func:`untrained_like`, :func:`adm_blocks`;
+* backbones: :func:`load_backbone` (short name, hub id, local directory or ADM ``.pt``; SD 1.x/2.x,
+  SDXL, SD3 / SD3.5, Flux, PixArt, pixel DDPMs), :class:`Backbone`, :class:`Conditioning`,
+  :func:`list_backbones`, :func:`untrained_like`, :func:`adm_blocks`;
 * data: :func:`load_dataset`, :func:`list_datasets`, :func:`fewshot_splits`;
   images in and masks back out: :func:`prepare_images`, :func:`geometry_of`, :func:`restore_labels`,
   :func:`prepare_labels`;
@@ -12,6 +13,8 @@
   :func:`baseline_features`;
 * DDPM-Seg: :class:`FewShotSegmenter`, :func:`fewshot_miou`;
 * EmerDiff: :func:`emerdiff_segment`;
+* MM-DiT maps (SD3, Flux): :func:`concept_attention` (ConceptAttention), :class:`JointAttentionMaps`
+  (ConceptAttention and joint cross-attention during any denoiser calls);
 * Grounded Diffusion and its cross-attention baseline: see :mod:`diffseg_utils.grounding` and
   :func:`daam_segment`;
 * metrics: :func:`mean_iou`, :func:`ddpmseg_miou`, :func:`hungarian_miou`.
@@ -25,6 +28,7 @@ from .ddpmseg import FewShotSegmenter, SegmentationResult, fewshot_miou
 from .emerdiff import emerdiff_segment
 from .features import FeatureMaps, extract_features
 from .grounding.ground import GroundingResult, ground
+from .joint_attention import JointAttentionMaps, JointMapsResult, concept_attention
 from .inputs import Geometry, ImageLike, geometry_of, prepare_images, prepare_labels, restore_labels
 from .loading import WeightsNotAvailableError, load_backbone, untrained_like
 from .metrics import ddpmseg_miou, hungarian_miou, mean_iou
@@ -34,9 +38,9 @@ from .selection import PlaceChoice, choose_places, decoder_blocks
 
 __all__ = [
     "Backbone", "BlockInfo", "Conditioning", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
-    "Geometry", "GroundingResult", "ImageLike", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
+    "Geometry", "GroundingResult", "ImageLike", "JointAttentionMaps", "JointMapsResult", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
     "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
-    "choose_places", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",
+    "choose_places", "concept_attention", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",
     "fewshot_miou", "fewshot_splits", "geometry_of", "ground", "hungarian_miou", "list_backbones", "list_datasets",
     "load_backbone", "load_dataset", "mean_iou", "prepare_images", "prepare_labels", "probe_features", "probe_grid",
     "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from .backbones import FAMILIES, Backbone, PixelBackbone, SDBackbone, default_device
-from .registry import REGISTRY, TOY_FACES_DIR, TOY_FACES_TRAIN_COMMAND, TOY_SD_DIR, TOY_TRAIN_COMMAND
+from .registry import (REGISTRY, TOY_FACES_DIR, TOY_FACES_TRAIN_COMMAND, TOY_SD3_DIR, TOY_SD3_TRAIN_COMMAND, TOY_SD_DIR,
+                       TOY_TRAIN_COMMAND)
 
 
 class WeightsNotAvailableError(FileNotFoundError):
@@ -70,6 +71,9 @@ def _missing_local(source: str) -> WeightsNotAvailableError:
     if resolved == TOY_FACES_DIR.resolve():
         return WeightsNotAvailableError(
             f"the toy faces DDPM in {source} does not exist yet: train it with `{TOY_FACES_TRAIN_COMMAND}`.")
+    if resolved == TOY_SD3_DIR.resolve():
+        return WeightsNotAvailableError(
+            f"the toy MM-DiT in {source} does not exist yet: train it with `{TOY_SD3_TRAIN_COMMAND}`.")
     if p.is_file():
         what = f"{source!r} is a file, not a directory"
     else:
