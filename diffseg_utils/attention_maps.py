@@ -36,7 +36,6 @@ from .backbones import Backbone
 from .hooks import AttentionProcessors
 from .sampling import generate
 from .text import token_span
-from .inputs import renamed_arguments
 
 __all__ = ["CrossAttentionMaps", "DAAMResult", "MapAccumulator", "daam_segment"]
 
@@ -262,7 +261,6 @@ class DAAMResult:
     masks: torch.Tensor     # (N, W, R, R) bool
 
 
-@renamed_arguments("guidance")
 def daam_segment(backbone: Backbone, prompts: Sequence[str], words: Sequence[str] | Sequence[Sequence[str]], *,
                  num_steps: int = 50, guidance_scale: float = 7.5, seed: int | Sequence[int] = 0,
                  threshold: float = 0.4, min_resolution: int | None = None) -> DAAMResult:

@@ -23,7 +23,7 @@ What a name or path can be (:func:`list_datasets` lists the names):
   (``experiments/<name>/ddpm.json`` and ``src/data_util.py`` of yandex-research/ddpm-segmentation).
 * A folder in one of these layouts (checked in this order):
 
-  - **generic** (what :func:`diffseg_utils.grounding.data.export_segmentation_dataset` writes):
+  - **generic** (what :func:`diffseg_utils.grounding.export.export_segmentation_dataset` writes):
     ``images/<stem>.png|jpg``, ``masks/<stem>.png`` (8-bit index PNG: pixel value = class index;
     palette colours are only for viewing) or ``masks/<stem>.npy``, and ``classes.json`` with
     ``{"class_names": [...], "background": 0, "ignore_index": 255}``: with ``"background": 0``

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .attention import ControlledAttnProcessor, attention_layers, finer_up_layer, low_res_query_layer
 from .backbones import Backbone
 from .hooks import AttentionProcessors
-from .inputs import Geometry, ImageGeometry, restore_labels, renamed_arguments
+from .inputs import Geometry, ImageGeometry, restore_labels
 
 __all__ = ["EmerDiffResult", "choose_emerdiff_settings", "emerdiff_segment", "gaussian_blur", "kmeans",
            "kmeans_upsampled_features", "mean_hungarian_miou", "upsample_segments"]
@@ -352,7 +352,6 @@ def _check_arguments(num_segments, positions: int, q_layer: str, *, lam, num_ste
 
 
 @torch.no_grad()
-@renamed_arguments("num_inference_steps")
 def emerdiff_segment(
     backbone: Backbone,
     images,

@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, Union, overload
 
-import functools
 import numpy as np
 import PIL.Image
 import torch
@@ -449,29 +448,3 @@ def prepare_labels(
                           align_corners=False)[0, 0].round().long()
         outs.append(torch.where(inside, o, torch.full_like(o, ignore_index)))
     return torch.stack(outs)
-
-
-# ---------------------------------------------------------------------------------- argument names
-_RENAMED = {
-    "guidance": "guidance_scale (the classifier-free guidance scale, a float; 1 disables it)",
-    "num_inference_steps": "num_steps (DDIM steps)",
-}
-
-
-def renamed_arguments(*names: str):
-    """Turn an old keyword (``guidance``, ``num_inference_steps``) into a ``TypeError`` that names the new one.
-
-    The package uses one set of words across methods (``num_steps``, ``guidance_scale``, ``seed``,
-    ``device``, ``progress``); code written against the earlier names gets told the fix instead
-    of Python's bare "unexpected keyword argument".
-    """
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            for old in names:
-                if old in kwargs:
-                    raise TypeError(f"{fn.__qualname__}() takes no argument {old!r}: it is now called "
-                                    f"{_RENAMED[old]}")
-            return fn(*args, **kwargs)
-        return inner
-    return wrap

@@ -16,11 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, Conditioning
-from .inputs import renamed_arguments
 
 
 @torch.no_grad()
-@renamed_arguments("guidance")
 def generate(
     backbone: Backbone,
     prompts: Sequence[str] | int,

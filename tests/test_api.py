@@ -47,15 +47,6 @@ def test_emerdiff_uses_num_steps_and_seed():
     assert {"num_steps", "seed", "progress"} <= set(inspect.signature(ds.emerdiff_segment).parameters)
 
 
-@pytest.mark.parametrize("fn,old,new", [(generate, "guidance", "guidance_scale"), (ds.ground, "guidance", "guidance_scale"),
-                                        (ds.daam_segment, "guidance", "guidance_scale"),
-                                        (ds.emerdiff_segment, "num_inference_steps", "num_steps")],
-                         ids=lambda v: getattr(v, "__name__", v))
-def test_an_old_argument_name_says_the_new_one(fn, old, new):
-    with pytest.raises(TypeError, match=f"takes no argument '{old}': it is now called {new}"):
-        fn(None, None, **{old: 1})
-
-
 def test_the_cfg_batch_flag_is_a_bool_not_a_scale(sd_tiny):
     with pytest.raises(TypeError, match="cfg_batch must be True or False"):
         CrossAttentionMaps(sd_tiny, cfg_batch=7.5)

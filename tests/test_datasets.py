@@ -198,7 +198,7 @@ def test_unknown_name_lists_the_valid_ones():
 
 # ---------------------------------------------------------------------------------------------- folders
 def test_grounding_export_loads_back_by_path(tmp_path):
-    from diffseg_utils.grounding.data import export_segmentation_dataset
+    from diffseg_utils.grounding.export import export_segmentation_dataset
 
     b = render("eval", 0, 4)
     lab = b.labels.astype(np.int64)

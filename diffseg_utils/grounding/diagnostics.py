@@ -24,7 +24,6 @@ from ..text import token_span
 from .features import generate_with_features
 from .labelers import SegmenterLabeler
 from .prompts import sample_prompt, sample_seed
-from ..inputs import renamed_arguments
 
 __all__ = ["ROLES", "TokenStudy", "cross_attention_tokens"]
 
@@ -57,7 +56,6 @@ def _normalise(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@renamed_arguments("guidance")
 def cross_attention_tokens(
     backbone: Backbone,
     segmenter,

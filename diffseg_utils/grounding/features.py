@@ -14,7 +14,6 @@ import torch
 
 from ..backbones import Backbone
 from ..sampling import generate
-from ..inputs import renamed_arguments
 
 
 def feature_groups(backbone: Backbone) -> dict[int, list[str]]:
@@ -48,7 +47,6 @@ class GeneratedBatch:
 
 
 @torch.no_grad()
-@renamed_arguments("guidance")
 def generate_with_features(
     backbone: Backbone,
     prompts: Sequence[str],

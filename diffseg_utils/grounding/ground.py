@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import Backbone, Conditioning
-from ..inputs import Geometry, ImageLike, restore_labels, renamed_arguments
+from ..inputs import Geometry, ImageLike, restore_labels
 from .features import feature_groups, generate_with_features
 from .module import GroundingModule, class_embeddings, query_template
 
@@ -75,7 +75,6 @@ def _features_of_images(backbone: Backbone, x: torch.Tensor, prompts: list[str],
 
 
 @torch.no_grad()
-@renamed_arguments("guidance")
 def ground(
     backbone: Backbone,
     module: GroundingModule,
@@ -144,7 +143,6 @@ def ground(
     return GroundingResult(images, _labels_from_scores(scores, thr), scores > thr, scores, tuple(names), prompts)
 
 
-@renamed_arguments("guidance")
 def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, seed: int = 0,
                     unseen: Sequence[str] = (), num_steps: int = 20, guidance_scale: float = 5.0, max_seed: int = 99):
     """Generate ``template.format(name)`` and show its grounded mask; a text box and a seed slider redraw it.

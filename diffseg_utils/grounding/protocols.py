@@ -5,7 +5,7 @@
   module and the cross-attention baseline (DAAM) on the very same generations (one pass:
   features, attention maps and images come from the same denoising run). mIoU per category,
   averaged over seen and over unseen categories.
-* Protocol II (:class:`GroundingLabeler` with :func:`~diffseg_utils.grounding.data.synthesize`, then
+* Protocol II (:class:`GroundingLabeler` with :func:`~diffseg_utils.grounding.shards.synthesize`, then
   :func:`fit_segmenter` + :func:`evaluate_segmenter`): the grounded generator writes a segmentation
   data set for all categories (``python -m diffseg_utils.grounding.synth --labeler grounding`` under
   ``accelerate launch`` for large runs); a segmenter trained on it is scored on real labelled
@@ -32,7 +32,6 @@ from .features import generate_with_features
 from .labelers import GroundingLabeler, SegmenterLabeler
 from .module import GroundingModule, class_embeddings, query_template
 from .prompts import sample_prompt, sample_seed
-from ..inputs import renamed_arguments
 
 __all__ = ["ProtocolOneResult", "evaluate_on_generations", "GroundingLabeler", "fit_segmenter",
            "evaluate_segmenter", "harmonic"]
@@ -68,7 +67,6 @@ class ProtocolOneResult:
 
 
 @torch.no_grad()
-@renamed_arguments("guidance")
 def evaluate_on_generations(
     backbone: Backbone,
     module: GroundingModule,

@@ -49,7 +49,6 @@ from ..backbones import Backbone
 from .features import generate_with_features
 from .labelers import Labeler, labeler_config, weights_fingerprint
 from .prompts import MAX_CLASSES, check_template, prompt_template, sample_prompt, sample_seed
-from ..inputs import renamed_arguments
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
@@ -127,7 +126,6 @@ def num_shards(num_samples: int, shard_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------- synthesis
-@renamed_arguments("guidance")
 def synthesize(
     backbone: Backbone,
     labeler: Labeler,

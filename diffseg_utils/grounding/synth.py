@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--num-steps", type=int, default=50, help="DDIM steps (paper: 50)")
-    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=5.0,
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=5.0,
                    help="classifier-free guidance scale (paper, training: 5.0)")
     p.add_argument("--feature-step", type=int, default=-1, help="DDIM step whose features are kept (-1 = last)")
     p.add_argument("--seed", type=int, default=0)
