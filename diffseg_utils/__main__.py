@@ -105,18 +105,22 @@ def clean_outputs(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _notebook_plot_backend():
-    """The kernels inherit this process's environment: a headless shell's ``MPLBACKEND=Agg`` would leave
-    every executed notebook without its figures, so they get the notebook backend; restored after."""
-    before = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+def _environ(**values: str):
+    """Set environment variables for the duration of the block (the kernels inherit them); restore after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("MPLBACKEND", None)
-        else:
-            os.environ["MPLBACKEND"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# A headless shell's MPLBACKEND=Agg would leave every executed notebook without its figures.
+NOTEBOOK_PLOT_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 def reproduce(selected: list[str] | None = None, *, backbone: str | None = None, dataset: str | None = None,
@@ -141,7 +145,6 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
     nbs = notebooks(selected)
     if not nbs:
         raise SystemExit(f"no notebooks match {selected}; available: {[p.stem for p in notebooks()]}")
-    os.environ["DIFFSEG_RESULTS"] = str(root)
     sections = []
     t_all = time.time()
     for i, p in enumerate(nbs, 1):
@@ -150,11 +153,11 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
         metrics = root / "metrics" / f"{section}.json"
         if metrics.exists():
             metrics.unlink()
-        os.environ["DIFFSEG_SECTION"] = section
         print(f"[{i}/{len(nbs)}] {section} ({', '.join(f'{k}={v!r}' for k, v in params.items()) or 'defaults'})",
               flush=True)
         t0 = time.time()
-        with warnings.catch_warnings(), _quiet_kernel_stderr(), _notebook_plot_backend():
+        with warnings.catch_warnings(), _quiet_kernel_stderr(), _environ(
+                MPLBACKEND=NOTEBOOK_PLOT_BACKEND, DIFFSEG_RESULTS=str(root), DIFFSEG_SECTION=section):
             warnings.simplefilter("ignore")
             pm.execute_notebook(str(p), str(out_dir / p.name), parameters=params, cwd=str(p.parent),
                                 kernel_name="python3", progress_bar=progress, execution_timeout=timeout,

@@ -73,6 +73,8 @@ class FewShotSegmenter:
         if features is None:  # labels drawn on the user's images -> the features' grid, same placement as the pixels
             geo = geometry_of(images, self.backbone.resolution)
             labels = prepare_labels(labels, geo, size=fm.image_size, ignore_index=self.config.ignore_index).cpu()
+        if isinstance(labels, torch.Tensor):
+            labels = labels.cpu()  # labels may come from an accelerator (np.asarray cannot read them there)
         labels = ignore_small_classes(np.asarray(labels), self.min_class_pixels, self.config.ignore_index)
         self.ensemble = PixelEnsemble(self.config, fm.channels, fm.device).fit(fm, labels, progress=progress,
                                                                                 max_pixels=max_pixels)

@@ -257,7 +257,8 @@ def test_ddpmseg_fit_predict(adm_features, monkeypatch):
     cfg = EnsembleConfig(num_classes=3, max_steps=30)
 
     def fit():
-        return FewShotSegmenter(None, fm.blocks, fm.timesteps, 3, config=cfg).fit(None, y[:2], features=tr,
+        # labels on the device, as a user whose data loader put them there passes them
+        return FewShotSegmenter(None, fm.blocks, fm.timesteps, 3, config=cfg).fit(None, y[:2].to(DEVICE), features=tr,
                                                                                   progress=False)
 
     seg = _guard_function(monkeypatch, pixel_classifier, "_train_step", fit)

@@ -114,3 +114,23 @@ def test_committed_expected_numbers_cover_every_executed_notebook():
     data = json.loads((REPO_ROOT / "notebooks" / "expected.json").read_text())
     for path in EXECUTED:
         assert data.get(path.stem), f"no expected numbers committed for {path.stem}"
+
+
+def test_reproduce_restores_the_environment(tmp_path, monkeypatch):
+    """reproduce sets the kernels' variables only while it runs (it used to leave DIFFSEG_RESULTS set)."""
+    import os
+
+    import diffseg_utils.__main__ as cli
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("DIFFSEG_SECTION", raising=False)
+    before = os.environ.get("DIFFSEG_RESULTS")
+    seen = {}
+    monkeypatch.setattr("papermill.execute_notebook", lambda src, dst, **kw: (
+        seen.update({k: os.environ.get(k) for k in ("MPLBACKEND", "DIFFSEG_RESULTS", "DIFFSEG_SECTION")}),
+        __import__("shutil").copy(src, dst)))
+    cli.reproduce(["00"], results=tmp_path, progress=False)
+    assert seen["MPLBACKEND"] == cli.NOTEBOOK_PLOT_BACKEND and seen["DIFFSEG_SECTION"] == "00_data_and_backbones"
+    assert seen["DIFFSEG_RESULTS"].startswith(str(tmp_path))
+    assert os.environ.get("DIFFSEG_RESULTS") == before and "DIFFSEG_SECTION" not in os.environ
+    assert os.environ["MPLBACKEND"] == "Agg"
