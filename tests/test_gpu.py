@@ -258,7 +258,7 @@ def test_ddpmseg_fit_predict(adm_features, monkeypatch):
 
     def fit():
         # labels on the device, as a user whose data loader put them there passes them
-        return FewShotSegmenter(None, fm.blocks, fm.timesteps, 3, config=cfg).fit(None, y[:2].to(DEVICE), features=tr,
+        return FewShotSegmenter(None, fm.blocks, fm.timesteps, 3, config=cfg).fit(None, torch.from_numpy(y[:2]).to(DEVICE), features=tr,
                                                                                   progress=False)
 
     seg = _guard_function(monkeypatch, pixel_classifier, "_train_step", fit)
