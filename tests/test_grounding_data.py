@@ -387,3 +387,24 @@ def test_labeler_config_fingerprints_wrapped_weights():
     with torch.no_grad():
         net.weight.mul_(2)
     assert labeler_config(lab)["weights"] != before["weights"]
+
+
+def test_manifest_and_shard_writes_are_safe_under_concurrency(tmp_path):
+    """Two runs: the manifest is created exclusively (never overwritten by a second, different run), and a
+    shard write never deletes another process's temporary file."""
+    import json
+    import os
+
+    from diffseg_utils.grounding import shards as sh
+
+    cfg_a, cfg_b = {"num_samples": 4, "seed": 0}, {"num_samples": 4, "seed": 1}
+    sh._check_or_write_manifest(tmp_path, cfg_a, write=True)
+    with pytest.raises(FileExistsError):
+        sh._create_exclusive(tmp_path / sh.MANIFEST, json.dumps(cfg_b))
+    sh._check_or_write_manifest(tmp_path, cfg_a, write=True)  # a second rank-0 run with the same settings: fine
+    assert json.loads((tmp_path / sh.MANIFEST).read_text()) == cfg_a
+    other = tmp_path / f"shard_0000.pt.tmp{os.getpid() + 1}"  # another process mid-write
+    other.write_bytes(b"partial")
+    sh._save_shard({"x": torch.zeros(2)}, sh.shard_path(tmp_path, 0))
+    assert other.exists() and torch.load(sh.shard_path(tmp_path, 0), weights_only=True)["x"].shape == (2,)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name and p != other]

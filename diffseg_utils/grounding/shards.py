@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -69,10 +70,27 @@ def _manifest(backbone: Backbone, labeler: Labeler, **settings) -> dict[str, Any
     return json.loads(json.dumps(cfg))  # tuples -> lists, as they read back
 
 
+def _temp_beside(path: Path) -> Path:
+    """A fresh temporary file next to ``path`` (unique across processes and threads)."""
+    fd, name = tempfile.mkstemp(prefix=f"{path.name}.tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = _temp_beside(path)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    """Write ``path`` only if it does not exist, atomically: ``FileExistsError`` when another process won."""
+    tmp = _temp_beside(path)
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)  # fails if path exists; readers never see a half-written file
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resume_command(out_dir: str | Path, manifest: dict[str, Any]) -> str:
@@ -93,6 +111,15 @@ def resume_command(out_dir: str | Path, manifest: dict[str, Any]) -> str:
 
 def _check_or_write_manifest(out_dir: Path, cfg: dict[str, Any], write: bool) -> None:
     path = out_dir / MANIFEST
+    if not path.exists() and any(out_dir.glob("shard_*.pt")):
+        raise ValueError(f"{out_dir} holds shards but no {MANIFEST}, so their settings are unknown; "
+                         "use a new output directory (or delete the shards)")
+    if write:
+        try:
+            _create_exclusive(path, json.dumps(cfg, indent=1))
+            return
+        except FileExistsError:
+            pass  # written before, or by a concurrent run: compare with it
     if path.exists():
         old = json.loads(path.read_text())
         diff = [f"{k}: {old.get(k)!r} in the manifest, {v!r} now" for k, v in cfg.items() if old.get(k) != v]
@@ -101,11 +128,6 @@ def _check_or_write_manifest(out_dir: Path, cfg: dict[str, Any], write: bool) ->
                              + "\n  ".join(diff) + "\nUse a new output directory, or rerun with the manifest's "
                              f"settings to resume it:\n  {resume_command(out_dir, old)}")
         return
-    if any(out_dir.glob("shard_*.pt")):
-        raise ValueError(f"{out_dir} holds shards but no {MANIFEST}, so their settings are unknown; "
-                         "use a new output directory (or delete the shards)")
-    if write:
-        _atomic_write_text(path, json.dumps(cfg, indent=1))
 
 
 def _wait_for_manifest(out_dir: Path, timeout: float) -> None:
@@ -254,12 +276,13 @@ def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _save_shard(shard: dict[str, Any], path: Path) -> None:
-    # only this rank writes shard k, so its stale temp files (an earlier crash) are ours to remove
-    for stale in path.parent.glob(f"{path.name}.tmp*"):
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(shard, tmp)
-    os.replace(tmp, path)  # a shard_*.pt that exists is complete
+    # a temp name of its own: two runs writing the same shard never touch each other's file
+    tmp = _temp_beside(path)
+    try:
+        torch.save(shard, tmp)
+        os.replace(tmp, path)  # a shard_*.pt that exists is complete
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- reading
