@@ -129,6 +129,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+@torch.no_grad()
+def _bare_bf16_error(bb16, bb32, x, blocks, timesteps) -> dict:
+    """Relative error of each block's output when the same float32 noised latents go through the bf16 denoiser."""
+    z = bb32.encode(bb32.preprocess(x))
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for t in timesteps:
+        zt = bb32.add_noise(z, t, eps)
+        caps = {}
+        for bb in (bb16, bb32):
+            with bb.capture(blocks) as cap:
+                bb.predict(zt.to(bb.dtype), t)
+            caps[bb.dtype] = cap.outputs
+        out.update({(t, b): _rel(caps[torch.bfloat16][b], caps[torch.float32][b]) for b in blocks})
+    return out
+
+
 def test_recorder_catches_float64_and_upcasts(ddpm):
     """The checks can fail: a float64 op and a float32 UNet are both reported."""
     bb = ddpm[torch.bfloat16]
@@ -154,8 +171,11 @@ def test_extract_features_bf16(which, ddpm, sd):
         got = extract_features(bb16, x, blocks, [50, 150], dtype=torch.bfloat16, progress=False)
     rec.check()
     assert all(m.dtype == torch.bfloat16 for m in got.maps.values())
+    bare = _bare_bf16_error(bb16, bb32, x, got.blocks, [50, 150])
     for k in ref.keys:
-        assert _rel(got.maps[k], ref.maps[k]) < 0.05, k
+        # bfloat16's error through a UNet depends on the CPU's kernels: bound the method's error by the bare
+        # denoiser's own bf16-vs-fp32 error on the same noised input, measured here on this machine
+        assert _rel(got.maps[k], ref.maps[k]) < 3 * bare[k] + 0.01, (k, _rel(got.maps[k], ref.maps[k]), bare[k])
     with record(bb16) as rec:
         s = got.sample(torch.zeros(5, dtype=torch.long), torch.arange(5), torch.arange(5))
     rec.check(unet_ran=False)
@@ -337,11 +357,9 @@ def test_grounding_bf16(sd, tmp_path):
 
 
 def test_ground_bf16(sd):
-    """The one-call grounding entry point (when present)."""
+    """The one-call grounding entry point."""
     import diffseg_utils.grounding as grounding
 
-    if not hasattr(grounding, "ground"):
-        pytest.skip("diffseg_utils.grounding.ground not present")
     torch.manual_seed(0)
     gm = GroundingModule.for_backbone(sd[torch.float32])
     res = {}

@@ -68,7 +68,8 @@ def test_notebook_ends_with_a_self_check(path):
     assert not isinstance(ast.parse(last).body[-1], ast.Expr), f"{path.name}: assign the self-check's result"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS + sorted((REPO_ROOT / "docs" / "runs").glob("*/*.ipynb")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_committed_outputs_are_clean(path):
     text = json.dumps([c.get("outputs", []) for c in _code_cells(path)])  # outputs only: sources may show paths
     for pattern, what in [(r"<Axes: ", "a stray Axes repr"), (r"Text\(\d", "a stray Text repr"),
@@ -134,3 +135,27 @@ def test_reproduce_restores_the_environment(tmp_path, monkeypatch):
     assert seen["DIFFSEG_RESULTS"].startswith(str(tmp_path))
     assert os.environ.get("DIFFSEG_RESULTS") == before and "DIFFSEG_SECTION" not in os.environ
     assert os.environ["MPLBACKEND"] == "Agg"
+
+
+def _expected_entries():
+    import json
+
+    from diffseg_utils.report import EXPECTED_FILE
+
+    data = json.loads(EXPECTED_FILE.read_text())
+    return [(nb, run, i, e) for nb, runs in data.items() for run, es in runs.items() for i, e in enumerate(es)]
+
+
+@pytest.mark.parametrize("nb,run,i,entry", _expected_entries(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_self_check_fails_when_a_number_moves(nb, run, i, entry, capsys):
+    """Each committed check path (notebook, run, parameters): the committed numbers pass, and moving any one of
+    them by twice its tolerance fails the check."""
+    from diffseg_utils.report import check_expected
+
+    values = {k: v["value"] for k, v in entry["values"].items()}
+    assert all(check_expected(nb, run, values, params=entry["params"]).values())
+    for name, v in entry["values"].items():
+        moved = dict(values, **{name: v["value"] + 2 * v["tol"] + 1e-9})
+        with pytest.raises(AssertionError, match=name):
+            check_expected(nb, run, moved, params=entry["params"])
+    capsys.readouterr()
