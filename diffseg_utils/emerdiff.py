@@ -309,6 +309,48 @@ def reference_modulated_run(backbone: Backbone, z_tm: torch.Tensor, mask: torch.
     return x
 
 
+class _TokenHooks:
+    """Hooks on a joint (MM-DiT) attention layer: capture its image queries, or add ``add`` (R, N, 1) to its
+    image output right after the output projection. Removed on exit."""
+
+    def __init__(self, attn, capture: bool = False, add: torch.Tensor | None = None):
+        self.attn, self.capture, self.add, self.query, self.handles = attn, capture, add, None, []
+
+    def __enter__(self):
+        if self.capture:
+            self.handles.append(self.attn.to_q.register_forward_hook(lambda m, a, out: setattr(self, "query", out)))
+        if self.add is not None:
+            self.handles.append(self.attn.to_out[0].register_forward_hook(lambda m, a, out: out + self.add.to(out)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@torch.no_grad()
+def _joint_modulated_runs(backbone: Backbone, z_tm: torch.Tensor, masks: torch.Tensor, signs: torch.Tensor,
+                          lam: float, timesteps: Sequence[int], mod_layer: str) -> torch.Tensor:
+    """The MM-DiT analog: R runs at batch R, ``±lam * M`` added to a joint layer's image output at t_m only."""
+    R = masks.shape[0]
+    add = masks.flatten(1)[..., None] * (signs * lam).view(-1, 1, 1).to(masks)            # (R, N, 1)
+    x = z_tm.expand(R, -1, -1, -1)
+    with _TokenHooks(backbone.denoiser.get_submodule(mod_layer), add=add):
+        out = backbone.predict(x, timesteps[0], backbone.empty_prompt(R))
+    x = backbone.step(out, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, x)
+    cond_r = backbone.empty_prompt(R)
+    for i, t in enumerate(timesteps[1:], start=1):
+        x = backbone.step(backbone.predict(x, t, cond_r), t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
+    return x
+
+
+def joint_layers(backbone: Backbone) -> dict[str, tuple[int, int]]:
+    """MM-DiT joint attention layers ``transformer_blocks.{i}.attn`` -> token grid; empty for other denoisers."""
+    blocks = backbone.blocks()
+    return {f"{b}.attn": info.resolution for b, info in blocks.items() if info.kind == "joint"}
+
+
 def _decoded_pairs(backbone: Backbone, latents: torch.Tensor, batch: int):
     """Decode (2K, C, h, w) latents ordered [k+, k-, ...] at most ``batch`` per VAE call; yield the
     (plus, minus) image pairs, each (k, 3, H, W) float32, as they complete (a pair split by a chunk
@@ -361,7 +403,7 @@ def emerdiff_segment(
     t_m: int = 281,
     lam: float = 10.0,
     num_steps: int = 50,
-    attention_injection: bool = True,
+    attention_injection: bool | None = None,
     query_layer: str | None = None,
     modulate_layer: str | None = None,
     blur_kernel: int = 5,
@@ -386,31 +428,43 @@ def emerdiff_segment(
     budgets: the difference maps are reduced chunk by chunk, so peak memory does not grow with K beyond
     the (K, size, size) float32 maps returned); kmeans_restarts: k-means++ initialisations, best kept;
     query_layer / modulate_layer: attention layer paths (default:
-    :func:`~diffseg_utils.attention.low_res_query_layer`); seed: the noise of image i is drawn from
+    :func:`~diffseg_utils.attention.low_res_query_layer`; on an MM-DiT (SD3, Flux, toy-sd3) a joint layer
+    ``transformer_blocks.{i}.attn`` from :func:`joint_layers`, default the middle one: its image queries are
+    clustered and its image output after the output projection is modulated);
+    attention_injection: reuse the unmodulated pass's attention at t_m (default: on for UNets, as the
+    paper; not available on joint attention); seed: the noise of image i is drawn from
     ``seed + i`` (shared by its k-means pass and all its modulated runs).
 
     Returns an :class:`EmerDiffResult`: ``labels`` (N, H, W) int64 and ``scores`` (N, K, H, W) float32 at
     each input's own size (lists when sizes differ), and the model-grid fields it came from.
     """
-    layers = attention_layers(backbone)
-    by_path = {a.path: a for a in layers}
-    q_layer = query_layer or low_res_query_layer(backbone).path
+    joint = joint_layers(backbone)
+    layers = [] if joint else attention_layers(backbone)
+    grids = dict(joint) if joint else {a.path: a.resolution for a in layers}
+    q_layer = query_layer or (list(joint)[len(joint) // 2] if joint else low_res_query_layer(backbone).path)
     m_layer = modulate_layer or q_layer
     for name, p in (("query_layer", q_layer), ("modulate_layer", m_layer)):
-        if p not in by_path:
-            raise ValueError(f"{name} {p!r} is not an attention layer; valid: {[a.path for a in layers if a.path.startswith('up_blocks')]}")
-    if not m_layer.startswith("up_blocks."):
+        if p not in grids:
+            valid = list(joint) if joint else [a.path for a in layers if a.path.startswith("up_blocks")]
+            raise ValueError(f"{name} {p!r} is not an attention layer; valid: {valid}")
+    if joint and attention_injection:
+        raise ValueError("attention_injection is not implemented for joint (MM-DiT) attention; pass "
+                         "attention_injection=False (the default on MM-DiTs)")
+    attention_injection = not joint if attention_injection is None else attention_injection
+    if not joint and not m_layer.startswith("up_blocks."):
         raise ValueError("modulate_layer must be inside an up block (the shared prefix is the rest of the UNet)")
-    qh, qw = by_path[q_layer].resolution
+    qh, qw = grids[q_layer]
     _check_arguments(num_segments, qh * qw, q_layer, lam=lam, num_steps=num_steps,
                      T=backbone.scheduler.config.num_train_timesteps, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
                      chunk_size=chunk_size, decode_batch_size=decode_batch_size, kmeans_restarts=kmeans_restarts)
-    up_index = int(m_layer.split(".")[1])
-    suffix = [a.path for a in layers if a.path.startswith("up_blocks.") and int(a.path.split(".")[1]) >= up_index]
-    layer_is_4d = m_layer == by_path[m_layer].block  # UNet2DModel attention works on (B, C, H, W)
+    if not joint:
+        by_path = {a.path: a for a in layers}
+        up_index = int(m_layer.split(".")[1])
+        suffix = [a.path for a in layers if a.path.startswith("up_blocks.") and int(a.path.split(".")[1]) >= up_index]
+        layer_is_4d = m_layer == by_path[m_layer].block  # UNet2DModel attention works on (B, C, H, W)
     backbone.check_timesteps([t_f, t_m], 2)
     x, geo = backbone.preprocess(images, fit=fit, return_geometry=True)
-    h, w = by_path[m_layer].resolution
+    h, w = grids[m_layer]
     q_boxes = [_token_box(g, (qh, qw)) for g in geo.images]
     for i, (y0, y1, x0, x1) in enumerate(q_boxes):  # refused before any UNet call
         if (y1 - y0) * (x1 - x0) < num_segments:
@@ -429,9 +483,13 @@ def emerdiff_segment(
         eps = torch.randn(z0.shape, generator=g).to(z0)
         # 1. low-resolution segments: k-means on the query vectors at t_f of the tokens on the image
         qy0, qy1, qx0, qx1 = q_boxes[i]
-        cap = ControlledAttnProcessor(capture_query=True)
-        with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
-            backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
+        if joint:
+            with _TokenHooks(backbone.denoiser.get_submodule(q_layer), capture=True) as cap:
+                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
+        else:
+            cap = ControlledAttnProcessor(capture_query=True)
+            with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
+                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
         q = cap.query[0].view(qh, qw, -1)[qy0:qy1, qx0:qx1].reshape((qy1 - qy0) * (qx1 - qx0), -1)
         labels, _ = kmeans(q, num_segments, seed=seed, n_init=kmeans_restarts)
         low = torch.zeros(qh, qw, dtype=labels.dtype, device=labels.device)
@@ -451,9 +509,13 @@ def emerdiff_segment(
         finals = []
         for s in range(0, run_masks.shape[0], chunk_size):
             r = run_masks[s:s + chunk_size]
-            finals.append(_modulated_runs(backbone, z_tm, r, signs[s:s + chunk_size], lam, ts, m_layer,
-                                          suffix, up_index, attention_injection, layer_is_4d))
-            evals += 1 + r.shape[0] * len(ts)
+            if joint:
+                finals.append(_joint_modulated_runs(backbone, z_tm, r, signs[s:s + chunk_size], lam, ts, m_layer))
+                evals += r.shape[0] * len(ts)
+            else:
+                finals.append(_modulated_runs(backbone, z_tm, r, signs[s:s + chunk_size], lam, ts, m_layer,
+                                              suffix, up_index, attention_injection, layer_is_4d))
+                evals += 1 + r.shape[0] * len(ts)
         evals += 1  # the t_f pass
         min_evals += 2 + 2 * len(ids) * len(ts)  # t_f pass, unmodulated reference, 2K runs
         # 3. pixel assignment over the image's pixels, reduced as the decoded pairs come (peak memory
@@ -556,9 +618,13 @@ def kmeans_upsampled_features(backbone: Backbone, images, num_segments: int = 10
     for i in tqdm(range(x.shape[0]), desc="k-means on upsampled features", disable=not progress, leave=False):
         z0 = backbone.encode(x[i:i + 1])
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + i)).to(z0)
-        cap = ControlledAttnProcessor(capture_query=True)
-        with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
-            backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
+        if joint:
+            with _TokenHooks(backbone.denoiser.get_submodule(q_layer), capture=True) as cap:
+                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
+        else:
+            cap = ControlledAttnProcessor(capture_query=True)
+            with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
+                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
         q = cap.query[0].float().T.reshape(1, -1, qh, qw)                             # (1, C, qh, qw)
         y0, y1, x0, x1 = box = _pixel_box(geo[i], size)
         up = F.interpolate(q, size=size, mode="bilinear", align_corners=False)[0, :, y0:y1, x0:x1]

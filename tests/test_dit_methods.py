@@ -33,3 +33,31 @@ def test_generate_and_flow_noise(sd3_micro):
     z = torch.randn(1, 4, 8, 8)
     assert torch.equal(sd3_micro.add_noise(z, 0, torch.randn_like(z)), z)
     torch.testing.assert_close(sd3_micro.add_noise(z, 1000.0, 2 * z), 2 * z)
+
+
+def test_emerdiff_on_a_joint_layer(sd3_micro):
+    """EmerDiff's MM-DiT analog: k-means on a joint layer's image queries, ±lam on its image output."""
+    from diffseg_utils.emerdiff import _denoise_timesteps, _joint_modulated_runs, joint_layers
+
+    bb = sd3_micro
+    assert list(joint_layers(bb)) == [f"transformer_blocks.{i}.attn" for i in range(4)]
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bb.denoiser.modules())
+    res = ds.emerdiff_segment(bb, torch.rand(2, 3, 16, 16), 3, num_steps=3, lam=5.0, progress=False)
+    assert res.labels.shape == (2, 16, 16) and res.low_res.shape == (2, 8, 8) and hooks() == 0
+    assert res.layer == "transformer_blocks.2.attn" and float(res.diffs.amax()) > 0
+    # lam = 0: every run is plain denoising from z_tm
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts = _denoise_timesteps(bb, 281, 3)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :4] = masks[1, 4:] = 1
+    runs = _joint_modulated_runs(bb, z, masks, torch.tensor([1.0, -1.0]), 0.0, ts, "transformer_blocks.1.attn")
+    x = z
+    for i, t in enumerate(ts):
+        x = bb.step(bb.predict(x, t), t, ts[i + 1] if i + 1 < len(ts) else None, x)
+    torch.testing.assert_close(runs, x.expand(2, -1, -1, -1), atol=1e-5, rtol=1e-5)
+    moved = _joint_modulated_runs(bb, z, masks, torch.tensor([1.0, -1.0]), 5.0, ts, "transformer_blocks.1.attn")
+    assert not torch.allclose(moved[0], moved[1])
+    import pytest
+
+    with pytest.raises(ValueError, match="attention_injection"):
+        ds.emerdiff_segment(bb, torch.rand(1, 3, 16, 16), 3, attention_injection=True, progress=False)
