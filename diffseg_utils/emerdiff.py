@@ -345,6 +345,24 @@ def _joint_modulated_runs(backbone: Backbone, z_tm: torch.Tensor, masks: torch.T
     return x
 
 
+def _queries(backbone: Backbone, layer: str, x_t: torch.Tensor, t) -> torch.Tensor:
+    """The query vectors ``(B, N, C)`` of one attention layer (``to_q`` output, image tokens) in a pass at ``t``."""
+    if layer in joint_layers(backbone):
+        with _TokenHooks(backbone.denoiser.get_submodule(layer), capture=True) as cap:
+            backbone.predict(x_t, t)
+    else:
+        cap = ControlledAttnProcessor(capture_query=True)
+        with AttentionProcessors(backbone.denoiser, {layer: cap}):
+            backbone.predict(x_t, t)
+    return cap.query
+
+
+def _default_query_layer(backbone: Backbone) -> str:
+    """EmerDiff's k-means layer: the paper's low-resolution up-block layer on UNets, the middle joint layer on MM-DiTs."""
+    joint = list(joint_layers(backbone))
+    return joint[len(joint) // 2] if joint else low_res_query_layer(backbone).path
+
+
 def joint_layers(backbone: Backbone) -> dict[str, tuple[int, int]]:
     """MM-DiT joint attention layers ``transformer_blocks.{i}.attn`` -> token grid; empty for other denoisers."""
     blocks = backbone.blocks()
@@ -441,7 +459,7 @@ def emerdiff_segment(
     joint = joint_layers(backbone)
     layers = [] if joint else attention_layers(backbone)
     grids = dict(joint) if joint else {a.path: a.resolution for a in layers}
-    q_layer = query_layer or (list(joint)[len(joint) // 2] if joint else low_res_query_layer(backbone).path)
+    q_layer = query_layer or _default_query_layer(backbone)
     m_layer = modulate_layer or q_layer
     for name, p in (("query_layer", q_layer), ("modulate_layer", m_layer)):
         if p not in grids:
@@ -483,14 +501,8 @@ def emerdiff_segment(
         eps = torch.randn(z0.shape, generator=g).to(z0)
         # 1. low-resolution segments: k-means on the query vectors at t_f of the tokens on the image
         qy0, qy1, qx0, qx1 = q_boxes[i]
-        if joint:
-            with _TokenHooks(backbone.denoiser.get_submodule(q_layer), capture=True) as cap:
-                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
-        else:
-            cap = ControlledAttnProcessor(capture_query=True)
-            with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
-                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
-        q = cap.query[0].view(qh, qw, -1)[qy0:qy1, qx0:qx1].reshape((qy1 - qy0) * (qx1 - qx0), -1)
+        q = _queries(backbone, q_layer, backbone.add_noise(z0, t_f, eps), t_f)[0]
+        q = q.view(qh, qw, -1)[qy0:qy1, qx0:qx1].reshape((qy1 - qy0) * (qx1 - qx0), -1)
         labels, _ = kmeans(q, num_segments, seed=seed, n_init=kmeans_restarts)
         low = torch.zeros(qh, qw, dtype=labels.dtype, device=labels.device)
         low[qy0:qy1, qx0:qx1] = labels.view(qy1 - qy0, qx1 - qx0)
@@ -607,25 +619,20 @@ def kmeans_upsampled_features(backbone: Backbone, images, num_segments: int = 10
 
     Returns (N, H, W) int64 segment ids at each input's own size (a list when sizes differ).
     """
-    q_layer = query_layer or low_res_query_layer(backbone).path
-    layer = {a.path: a for a in attention_layers(backbone)}.get(q_layer)
-    if layer is None:
-        raise ValueError(f"query_layer {q_layer!r} is not an attention layer of this UNet")
-    qh, qw = layer.resolution
+    joint = joint_layers(backbone)
+    grids = dict(joint) if joint else {a.path: a.resolution for a in attention_layers(backbone)}
+    q_layer = query_layer or _default_query_layer(backbone)
+    if q_layer not in grids:
+        raise ValueError(f"query_layer {q_layer!r} is not an attention layer of this denoiser; valid: {list(grids)}")
+    qh, qw = grids[q_layer]
     x, geo = backbone.preprocess(images, fit=fit, return_geometry=True)
     size = tuple(x.shape[-2:])
     out = []
     for i in tqdm(range(x.shape[0]), desc="k-means on upsampled features", disable=not progress, leave=False):
         z0 = backbone.encode(x[i:i + 1])
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + i)).to(z0)
-        if joint:
-            with _TokenHooks(backbone.denoiser.get_submodule(q_layer), capture=True) as cap:
-                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
-        else:
-            cap = ControlledAttnProcessor(capture_query=True)
-            with AttentionProcessors(backbone.denoiser, {q_layer: cap}):
-                backbone.predict(backbone.add_noise(z0, t_f, eps), t_f)
-        q = cap.query[0].float().T.reshape(1, -1, qh, qw)                             # (1, C, qh, qw)
+        q = _queries(backbone, q_layer, backbone.add_noise(z0, t_f, eps), t_f)[0]
+        q = q.float().T.reshape(1, -1, qh, qw)                                          # (1, C, qh, qw)
         y0, y1, x0, x1 = box = _pixel_box(geo[i], size)
         up = F.interpolate(q, size=size, mode="bilinear", align_corners=False)[0, :, y0:y1, x0:x1]
         if (y1 - y0) * (x1 - x0) < num_segments:
