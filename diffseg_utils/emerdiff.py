@@ -646,9 +646,9 @@ def kmeans_upsampled_features(backbone: Backbone, images, num_segments: int = 10
 
 def _resolve_layer(backbone: Backbone, name: str, query_layer: str | None) -> str | None:
     if name == "query":
-        return query_layer or low_res_query_layer(backbone).path
-    if name == "finer":
-        f = finer_up_layer(backbone)
+        return query_layer or _default_query_layer(backbone)
+    if name == "finer":  # UNets only: a DiT has one token grid
+        f = None if joint_layers(backbone) else finer_up_layer(backbone)
         return f.path if f is not None else None
     return name
 
