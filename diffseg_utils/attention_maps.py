@@ -232,7 +232,7 @@ class CrossAttentionMaps:
                              "generated images; pass one prompt and one word list per image, in batch order")
         if any(len(w) == 0 for w in words):
             raise ValueError(f"every prompt needs at least one word; got counts {[len(w) for w in words]}")
-        tok = self.backbone.tokenizer
+        tok = self.backbone.prompt_tokenizer
         width = max(len(w) for w in words)
         per_word = maps.new_zeros(len(words), width, *maps.shape[-2:])          # (N, W, R, R)
         for i, (p, ws) in enumerate(zip(prompts, words)):

@@ -61,3 +61,15 @@ def test_emerdiff_on_a_joint_layer(sd3_micro):
 
     with pytest.raises(ValueError, match="attention_injection"):
         ds.emerdiff_segment(bb, torch.rand(1, 3, 16, 16), 3, attention_injection=True, progress=False)
+
+
+def test_grounding_on_transformer_features(sd3_micro):
+    """One token grid gives one feature group; queries are the conditioning's width (SD3: the joint width)."""
+    from diffseg_utils.grounding.features import feature_groups
+    from diffseg_utils.grounding.module import GroundingModule, class_embeddings
+
+    assert list(feature_groups(sd3_micro)) == [8]
+    gm = GroundingModule.for_backbone(sd3_micro)
+    assert class_embeddings(sd3_micro, ["star", "ring"]).shape == (2, 32)
+    res = ds.ground(sd3_micro, gm, "a photo of a star", ["star", "ring"], num_steps=2)
+    assert res.labels.shape == (1, sd3_micro.resolution, sd3_micro.resolution)

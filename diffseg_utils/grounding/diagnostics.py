@@ -85,7 +85,7 @@ def cross_attention_tokens(
     if not templates:
         raise ValueError("templates is empty: pass at least one prompt template such as 'a photo of a {}'")
     labeler = SegmenterLabeler(segmenter, min_score=min_score)
-    tok = backbone.tokenizer
+    tok = backbone.prompt_tokenizer
     iou, sim, examples, pairs = {}, {}, {}, 0
     roles = [r for r in ROLES if r != "whole image"]
     bar = tqdm(total=len(templates) * num_images, desc="cross-attention tokens", disable=not progress)

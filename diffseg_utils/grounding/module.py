@@ -149,7 +149,7 @@ class GroundingModule(nn.Module):
         """
         if not backbone.is_conditional:
             raise ValueError(f"{backbone.name or 'this backbone'} has no text encoder; grounding needs text queries")
-        text_dim = int(backbone.text_encoder.config.hidden_size)
+        text_dim = int(backbone.empty_prompt(1).embeds.shape[-1])  # the width of the tokens the denoiser reads
         cfg = config or GroundingConfig()
         if cfg.template is None:
             cfg = replace(cfg, template=prompt_template(backbone))
@@ -287,7 +287,7 @@ def class_embeddings(backbone: Backbone, names: Sequence[str], template: str | N
         raise ValueError(f"{backbone.name or 'this backbone'} has no text encoder")
     template = prompt_template(backbone) if template is None else check_template(template)
     prompts = [template.format(n) for n in names]
-    spans = [token_span(backbone.tokenizer, p, n) for p, n in zip(prompts, names)]
+    spans = [token_span(backbone.prompt_tokenizer, p, n) for p, n in zip(prompts, names)]
     hidden = backbone.encode_prompt(prompts).embeds.float()           # (K, L, D)
     return torch.stack([hidden[i, s].mean(0) for i, s in enumerate(spans)])
 
