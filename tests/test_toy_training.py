@@ -48,7 +48,7 @@ def test_checkpoint_loading_names_a_wrong_file(tmp_path, sd_tiny):
     from diffseg_utils.toy.quality import backbone_from_checkpoint
 
     torch.save({"model": {}}, tmp_path / "vae.pt")
-    with pytest.raises(ValueError, match="not a UNet checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint of diffseg_utils.toy.train"):
         backbone_from_checkpoint(sd_tiny, tmp_path / "vae.pt")
     # other weights than the backbone's (doubled), so that a load that did nothing fails
     double = lambda m: {k: v * 2 if v.is_floating_point() else v for k, v in m.state_dict().items()}  # noqa: E731
@@ -168,3 +168,40 @@ def test_micro_faces_training_exports_and_gates(tmp_path):
     assert [r["step"] for r in rec["checkpoints"]] == [4]
     assert {"samples_all_found", "probe_mlp", "probe_block"} <= set(rec["checkpoints"][0])
     assert rec["rgbxy"]["block"] == "rgbxy" and rec["rgb"]["block"] == "rgb"
+
+
+@pytest.mark.slow
+def test_micro_mmdit_trains_resumes_exports_and_gates(tmp_path):
+    """The toy MM-DiT stages on a micro config: a resumed run equals an uninterrupted one, the export loads
+    through StableDiffusion3Pipeline and load_backbone, and our sampler equals the pipeline's."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffseg_utils.backbones import SD3Backbone
+    from diffseg_utils.registry import TOY_SD_DIR
+    from diffseg_utils.sampling import generate
+    from diffseg_utils.toy import train
+    from diffseg_utils.toy.models import SD3_MICRO
+    from diffseg_utils.toy.train_sd3 import train_mmdit
+
+    base = ["--model", "sd3", "--config", "micro", "--num-latents", "16", "--mmdit-batch", "4", "--mmdit-steps", "6"]
+    work, out = tmp_path / "a", tmp_path / "sd3"
+    train.main([*base, "--work", str(work), "--out", str(out)])
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "latents.pt").write_bytes((work / "latents.pt").read_bytes())
+    kw = dict(steps=6, batch=4, lr=1e-3, log_every=2)
+    train_mmdit(b, TOY_SD_DIR, SD3_MICRO, stop_at=2, **kw)
+    train_mmdit(b, TOY_SD_DIR, SD3_MICRO, **kw)
+    a_st, b_st = (torch.load(d / "mmdit.pt", weights_only=True) for d in (work, b))
+    torch.testing.assert_close(a_st["ema"], b_st["ema"], rtol=0, atol=0)
+    bb = load_backbone(str(out), device="cpu", max_sequence_length=0)
+    assert type(bb) is SD3Backbone and bb.resolution == 64 and bb.latent_resolution == 16
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    theirs = pipe("a photo of a star", num_inference_steps=2, guidance_scale=5.0, latents=x, max_sequence_length=0,
+                  output_type="latent").images
+    ours = generate(bb, ["a photo of a star"], num_steps=2, guidance_scale=5.0, seed=3, return_latents=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    train.main([*base, "--work", str(work), "--out", str(out), "--stage", "gate"])
+    rec = json.loads((out / "gates.json").read_text())
+    assert [r["step"] for r in rec["checkpoints"]] == [6] and 0 <= rec["checkpoints"][0]["fidelity_all_found"] <= 1

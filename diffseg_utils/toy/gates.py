@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -39,19 +38,6 @@ def unmeasured_checkpoints(work: Path, prefix: str, rec: dict) -> dict[int, Path
     files = [*work.glob(f"{prefix}_*.pt"), work / f"{prefix}.pt"]
     steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c for c in files if c.exists()}
     return {k: steps[k] for k in sorted(set(steps) - done)}
-
-
-def pixel_backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Backbone:
-    """``backbone`` (a pixel DDPM) with the EMA UNet weights of a ``ddpm*.pt`` training checkpoint."""
-    st = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(st, dict) or "ema" not in st or "step" not in st:
-        raise ValueError(f"{checkpoint} is not a pixel-DDPM checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
-    unet = copy.deepcopy(backbone.denoiser)
-    try:
-        unet.load_state_dict(st["ema"])
-    except RuntimeError as e:
-        raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
-    return backbone.with_denoiser(unet, name=f"{backbone.name} @ step {int(st['step'])}")
 
 
 @torch.no_grad()
@@ -81,7 +67,7 @@ def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int 
     from ..loading import load_backbone, untrained_like
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
-    from .quality import fewshot_probe, fewshot_probe_rgb
+    from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb
 
     protocol = {"n_probe": n_probe, "n_samples": n_samples, "seed": seed, "timesteps": list(timesteps),
                 "place": "best ridge probe on validation images", "main_parts": list(MAIN_PARTS)}
@@ -98,7 +84,7 @@ def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int 
         path.write_text(json.dumps(rec, indent=1))
     for step, ckpt in tqdm(unmeasured_checkpoints(work, "ddpm", rec).items(), desc="gate"):
         t0 = time.time()
-        bb = pixel_backbone_from_checkpoint(base, ckpt)
+        bb = backbone_from_checkpoint(base, ckpt)
         plaus = sample_plausibility(bb, oracle, n=n_samples, seed=seed)
         probe = fewshot_probe(bb, **probe_kw).as_dict()
         rec["checkpoints"].append({"step": step, **{f"samples_{k}": v for k, v in plaus.items()},

@@ -121,7 +121,7 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
     size = backbone.resolution
     tr = _draw(world, "fewshot_train", 0, n_train, max_objects, size)
     te = _draw(world, "fewshot_test", 0, n_test, max_objects, size)
-    ups = [b for b in backbone.blocks() if b.startswith("up_blocks") and ".upsamplers" not in b]
+    ups = backbone.feature_blocks()  # a UNet's decoder, every block of a DiT
     if at is not None and (at[0] not in ups or at[1] not in timesteps):
         raise ValueError(f"at={at!r} is not a probed place; blocks: {ups}, timesteps: {list(timesteps)}")
     if at is None and not n_val:
@@ -164,21 +164,27 @@ def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int =
 
 
 def backbone_from_checkpoint(backbone: Backbone, checkpoint: str | Path) -> Backbone:
-    """``backbone`` with the UNet and text-encoder EMA weights of a training checkpoint.
+    """``backbone`` with the EMA weights of a ``python -m diffseg_utils.toy.train`` checkpoint.
 
-    ``checkpoint`` is a ``unet.pt`` / ``unet_<step>.pt`` written by the ``unet`` stage of
-    ``python -m diffseg_utils.toy.train``; VAE, tokenizer and scheduler are shared.
+    The toy SD's ``unet*.pt`` hold the UNet's and the text encoder's (``ema = {"unet", "text"}``); the pixel
+    DDPM's ``ddpm*.pt`` and the MM-DiT's ``mmdit*.pt`` the denoiser's alone. VAE, tokenizer and scheduler
+    are shared.
     """
     st = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(st, dict) or "ema" not in st or "step" not in st:
-        raise ValueError(f"{checkpoint} is not a UNet checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
-    unet, text = copy.deepcopy(backbone.denoiser), copy.deepcopy(backbone.text_encoder)
+        raise ValueError(f"{checkpoint} is not a checkpoint of diffseg_utils.toy.train (no 'ema' weights)")
+    ema = st["ema"]
+    denoiser, text = copy.deepcopy(backbone.denoiser), None
     try:
-        unet.load_state_dict(st["ema"]["unet"])
-        text.load_state_dict(st["ema"]["text"])
+        if "unet" in ema and "text" in ema:
+            text = copy.deepcopy(backbone.text_encoder)
+            denoiser.load_state_dict(ema["unet"])
+            text.load_state_dict(ema["text"])
+        else:
+            denoiser.load_state_dict(ema)
     except RuntimeError as e:
         raise ValueError(f"{checkpoint} was trained with another model config than {backbone.name!r}: {e}") from None
-    return backbone.with_denoiser(unet, name=f"{backbone.name} @ step {st['step']}", text_encoder=text)
+    return backbone.with_denoiser(denoiser, name=f"{backbone.name} @ step {int(st['step'])}", text_encoder=text)
 
 
 TARGETS = {

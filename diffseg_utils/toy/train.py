@@ -325,8 +325,10 @@ def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = Non
 
 
 def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_steps: int = 20,
-         guidance_scale: float = 5.0, seed: int = 0, oracle_dir: Path | None = None) -> dict:
-    """Measure every ``unet_<step>.pt`` and ``unet.pt`` in ``work`` on the pipeline in ``out``.
+         guidance_scale: float = 5.0, seed: int = 0, oracle_dir: Path | None = None, prefix: str = "unet",
+         options: dict | None = None) -> dict:
+    """Measure every ``<prefix>_<step>.pt`` and ``<prefix>.pt`` in ``work`` on the pipeline in ``out``
+    (``prefix`` "unet": the toy SD; "mmdit": the toy MM-DiT, loaded with ``options``).
 
     Per checkpoint: prompt fidelity (``n_fidelity`` generations, the oracle) and the few-shot
     probe of notebook 00 (:func:`~diffseg_utils.toy.quality.fewshot_probe`); once: the same probe
@@ -342,13 +344,13 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
                 "place": "best ridge probe on validation images"}
     path = out / "gates.json"
     rec = open_record(path, protocol)
-    base = load_backbone(str(out), device="cpu")
+    base = load_backbone(str(out), device="cpu", **(options or {}))
     oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle")
     if "untrained" not in rec:
         rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), n_train=n_probe, n_test=n_probe, n_val=n_probe,
                                           seed=seed).as_dict()
         rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
-    for step, ckpt in tqdm(unmeasured_checkpoints(work, "unet", rec).items(), desc="gate"):
+    for step, ckpt in tqdm(unmeasured_checkpoints(work, prefix, rec).items(), desc="gate"):
         t0 = time.time()
         bb = backbone_from_checkpoint(base, ckpt)
         fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed)

@@ -160,4 +160,8 @@ def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, s
         train_mmdit(work, toy_sd, cfg, steps, batch, lr, stop_at=stop_at, seed=seed)
     if stage in ("all", "export"):
         export_sd3(work, out, toy_sd, cfg)
+    if stage == "gate":
+        from .train import gate
+
+        gate(work, out, seed=seed, prefix="mmdit", options={"max_sequence_length": cfg.max_sequence_length})
     print(f"done; CPU time of this run: {time.process_time() - t0:.0f} s")
