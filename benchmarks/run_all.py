@@ -764,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if only & {"features", "ddpmseg"}:
         adm = build_adm(device, dtype, a.quick)
-        bbs.append(f"{adm.name} UNet {n_params(adm.unet):.0f}M")
+        bbs.append(f"{adm.name} UNet {n_params(adm.denoiser):.0f}M")
         log(f"built {adm}")
         m, fm = bench_features(adm, bare, plan, a.profile_all)
         methods.append(m)
@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
         del adm, fm
     if only & {"emerdiff", "daam", "grounding", "synthesis"}:
         sd = build_sd(device, dtype, a.quick)
-        bbs.append(f"{sd.name} UNet {n_params(sd.unet):.0f}M + VAE {n_params(sd.vae):.0f}M + text "
+        bbs.append(f"{sd.name} UNet {n_params(sd.denoiser):.0f}M + VAE {n_params(sd.vae):.0f}M + text "
                    f"{n_params(sd.text_encoder):.0f}M")
         log(f"built {sd}")
         for name, fn in (("daam", bench_daam), ("grounding", bench_grounding), ("synthesis", bench_synthesis),
