@@ -165,7 +165,8 @@ def reproduce(selected: list[str] | None = None, *, backbone: str | None = None,
         clean_outputs(out_dir / p.name)
         print(f"    done in {time.time() - t0:.0f} s -> {out_dir / p.name}", flush=True)
     summary = root / "summary.md"
-    summary.write_text(summary_markdown(sections, title=f"backbone {backbone or 'toy'}, dataset {dataset or 'default'}"))
+    summary.write_text(summary_markdown(sections, title=f"backbone {backbone or 'toy'}, dataset {dataset or 'default'}",
+                                          root=root))
     print(f"all {len(nbs)} notebooks in {time.time() - t_all:.0f} s; wrote {summary}")
     return root
 

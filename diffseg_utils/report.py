@@ -44,13 +44,15 @@ def _fmt(val) -> str:
     return f"{val:.4g}" if isinstance(val, float) else str(val)
 
 
-def summary_markdown(sections: list[str], title: str = "") -> str:
-    """A markdown report of the recorded metrics of the given sections, in order."""
+def summary_markdown(sections: list[str], title: str = "", root: Path | None = None) -> str:
+    """A markdown report of the recorded metrics of the given sections, in order (from ``root``, default
+    :func:`results_dir`)."""
+    root = Path(root) if root is not None else results_dir()
     lines = [f"# Results{': ' + title if title else ''}", "",
              "Numbers computed by the notebooks in this run (`python -m diffseg_utils reproduce`), each beside what "
              "it is read against: a baseline measured in the same run, the paper's figure, or the repo's target.", ""]
     for s in sections:
-        f = results_dir() / "metrics" / f"{s}.json"
+        f = root / "metrics" / f"{s}.json"
         lines.append(f"## {s}")
         lines.append("")
         if not f.exists():
