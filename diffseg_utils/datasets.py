@@ -51,7 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from .inputs import geometry_of, prepare_images, prepare_labels
 from .registry import DATA_DIR
 
 __all__ = ["DATASETS", "DATASET_ALIASES", "DDPMSEG_DATASETS", "DDPMSEG_DOWNLOAD_URL", "DDPMSEG_ENV", "DatasetConfig",
@@ -401,8 +403,12 @@ def _check_label(lab: np.ndarray, path: Path, image_hw: tuple[int, int], num_cla
 class FileDataset(SegmentationDataset):
     """Image files with optional same-stem label files (``.npy`` or index ``.png``), read on access.
 
-    ``size`` resizes every image (bilinear, as the official DDPM-Seg transform) and label map
-    (nearest) to ``size x size``; None keeps each file's own size.
+    ``size`` resizes every square image (bilinear, as the official DDPM-Seg transform) and label map
+    (nearest) to ``size x size``; a non-square one is letterboxed exactly as
+    :func:`~diffseg_utils.inputs.prepare_images` places it for a model (longer side to ``size``, centred,
+    mid-gray border) and its labels through :func:`~diffseg_utils.inputs.prepare_labels` (the border gets
+    the ignore label, 255 when the dataset has none, so it is never trained on nor scored). None keeps each
+    file's own size.
     """
 
     def __init__(self, name: str, split: str | None, image_files: Sequence[Path], label_files: Sequence[Path] | None,
@@ -427,10 +433,6 @@ class FileDataset(SegmentationDataset):
         sizes = set(self._hw)
         native = next(iter(sizes)) if len(sizes) == 1 else None
         if size is not None:
-            nonsquare = [s for s in sizes if s[0] != s[1]]
-            if nonsquare:
-                raise ValueError(f"size={size} resizes to a square, but some images are {nonsquare[0][0]}x"
-                                 f"{nonsquare[0][1]} (H x W); pass size=None to keep their own sizes")
             native = (size, size)
         super().__init__(name, split, len(self.image_files), class_names, ignore_index, native, source, config)
         if validate and self.label_files is not None:  # every label map once: sizes and value ranges
@@ -445,13 +447,22 @@ class FileDataset(SegmentationDataset):
             with Image.open(self.image_files[i]) as im:
                 im = im.convert("RGB")
                 hw = (im.height, im.width)
-                if self._size is not None and hw != (self._size, self._size):
-                    im = im.resize((self._size, self._size), Image.BILINEAR)
-                imgs.append(np.asarray(im, np.uint8))
+                letterbox = self._size is not None and hw[0] != hw[1]
+                if letterbox:  # as prepare_images places it for a model: nothing cropped, nothing stretched
+                    x = prepare_images(np.asarray(im, np.uint8), self._size, multiple=1, out_range=(0.0, 255.0))
+                    imgs.append(x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
+                else:
+                    if self._size is not None and hw != (self._size, self._size):
+                        im = im.resize((self._size, self._size), Image.BILINEAR)
+                    imgs.append(np.asarray(im, np.uint8))
             if labs is not None:
                 lab = _check_label(_read_label(self.label_files[i]), self.label_files[i], hw, self.num_classes,
                                    self.ignore_index)
-                if self._size is not None and hw != (self._size, self._size):
+                if letterbox:
+                    geo = geometry_of(np.zeros((*hw, 3), np.uint8), self._size)
+                    ignore = self.ignore_index if self.ignore_index is not None else 255
+                    lab = prepare_labels(lab[None], geo, ignore_index=ignore)[0].numpy()
+                elif self._size is not None and hw != (self._size, self._size):
                     lab = np.asarray(Image.fromarray(lab.astype(np.int32)).resize((self._size, self._size),
                                                                                   Image.NEAREST)).astype(np.int64)
                 labs.append(lab)

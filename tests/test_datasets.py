@@ -300,5 +300,36 @@ def test_images_only_folder_and_files(tmp_path):
     assert two.take().images.shape == (2, 8, 8, 3) and two[0].name == "p1"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset([tmp_path / "p9.png"])
-    with pytest.raises(ValueError, match="resizes to a square"):
-        load_dataset(tmp_path, size=8)
+    boxed = load_dataset(tmp_path, size=8).take().images  # the 6x10 image is letterboxed, not refused
+    assert boxed.shape == (3, 8, 8, 3) and (boxed[2, 4] == 2).all() and (abs(boxed[2, 0].astype(int) - 128) <= 1).all()
+
+
+def test_a_portrait_labelled_folder_runs_through_fewshot(tmp_path, sd_tiny):
+    """Portrait 24x18 photos with PNG masks: letterboxed like the model's input, the border ignored in
+    training and scoring, predictions back at each photo's own size."""
+    import json
+
+    import diffseg_utils as ds
+    from diffseg_utils.pixel_classifier import EnsembleConfig
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 3)):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir()
+        for i in range(n):
+            lab = np.zeros((24, 18), np.uint8)
+            lab[6:18, 4:14] = 1 + i % 2
+            img = np.where(lab[..., None] > 0, 200, 30).astype(np.uint8) + rng.integers(0, 20, (24, 18, 3), np.uint8)
+            Image.fromarray(img).save(tmp_path / split / "images" / f"{i}.jpg")
+            Image.fromarray(lab).save(tmp_path / split / "masks" / f"{i}.png")
+    (tmp_path / "classes.json").write_text(json.dumps({"class_names": ["square", "blob"]}))
+    fd = ds.fewshot_splits(tmp_path, n_train=3, n_val=1, n_test=3, size=sd_tiny.resolution)
+    assert fd.train.images.shape == (3, 64, 64, 3) and fd.train.labels.shape == (3, 64, 64)
+    border = fd.train.labels[:, :, :8]  # 18/24 of 64 = 48 columns of image, 8 columns of border each side
+    assert (border == fd.ignore_index).all() and (fd.train.labels[:, 32, 32] > 0).all()
+    seg = ds.FewShotSegmenter(sd_tiny, ["up_blocks.1"], [50], fd.num_classes,
+                              config=EnsembleConfig(num_classes=fd.num_classes, num_members=2, max_steps=20),
+                              min_class_pixels=1).fit(fd.train.images, fd.train.labels, progress=False)
+    res = seg.predict([np.asarray(Image.open(tmp_path / "test" / "images" / f"{i}.jpg")) for i in range(3)])
+    assert [tuple(lab.shape) for lab in res.labels] == [(24, 18)] * 3 if isinstance(res.labels, list) else \
+        tuple(res.labels.shape) == (3, 24, 18)
