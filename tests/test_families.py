@@ -180,3 +180,21 @@ def test_daam_on_cross_attention_families(family):
     res = daam_segment(bb, PROMPTS, [["star"], ["ring", "heart"]], num_steps=2, guidance_scale=4.0)
     assert res.heatmaps.shape == (2, 2, bb.resolution, bb.resolution) and res.masks.any()
     assert float(res.heatmaps.amax()) == 1.0 and float(res.heatmaps[0, 1].abs().max()) == 0.0
+
+
+@pytest.mark.slow
+def test_emerdiff_analog_on_joint_layers(family):
+    """EmerDiff's MM-DiT analog at the real widths (SD3.5 joint attention; Flux double-stream blocks)."""
+    from diffseg_utils import emerdiff_segment
+    from diffseg_utils.emerdiff import joint_layers
+
+    name, _, bb = family
+    if name not in ("sd3", "flux"):
+        assert joint_layers(bb) == {}
+        return
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bb.denoiser.modules())
+    res = emerdiff_segment(bb, torch.rand(1, 3, bb.resolution, bb.resolution), 2, num_steps=2, progress=False,
+                           kmeans_restarts=2)
+    grid = bb.latent_resolution // bb._denoiser_stride()
+    assert res.low_res.shape == (1, grid, grid) and res.labels.shape == (1, bb.resolution, bb.resolution)
+    assert res.layer in joint_layers(bb) and hooks() == 0
