@@ -1,4 +1,4 @@
-"""Every public entry point in bfloat16 on the CPU, on the tiny random models (issue 16 §1).
+"""Every public entry point in bfloat16 on the CPU, on the tiny random models.
 
 For each entry point, the same call runs on a float32 and a bfloat16 copy of the backbone. The
 bfloat16 run is watched by :class:`DtypeRecorder` (a ``TorchDispatchMode``: it sees the output of

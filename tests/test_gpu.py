@@ -1,5 +1,5 @@
 """Every entry point in float16 on CUDA at the full SD 1.5, google DDPM-256 and ADM-256 topologies
-(random weights), with ``torch.cuda.set_sync_debug_mode("error")`` inside the hot loops (issue 16 §1).
+(random weights), with ``torch.cuda.set_sync_debug_mode("error")`` inside the hot loops.
 
     pytest -m gpu tests/test_gpu.py          # skipped where CUDA is not available
 

@@ -105,7 +105,7 @@ disjoint from the test images ``0 .. n_test - 1``."""
 def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_val: int = 20,
                   timesteps: tuple[int, ...] = (25, 100), at: tuple[str, int] | None = None, max_objects: int = 3,
                   seed: int = 0, world: str = "shapes") -> ProbeReport:
-    """The toy model's few-shot probe (notebook 00, issue target mIoU >= 0.60).
+    """The toy model's few-shot probe (notebook 00; the target is mIoU >= 0.60, `TARGETS`).
 
     A closed-form ridge probe per up-block sub-module x ``timesteps`` (a *place*), fitted on
     ``n_train`` ``fewshot_train`` images and scored on ``n_val`` validation images
