@@ -100,6 +100,22 @@ def train_vae(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, d
             _save(ck, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
 
 
+def train_step(opt, loss: torch.Tensor, models: dict, ema: dict, step: int, ema_decay: float) -> None:
+    """Backward, gradients clipped at norm 1 over all ``models`` together, the optimiser step, then the EMA
+    update of each model's floating-point state (decay ``(1 + step) / (10 + step)`` capped at ``ema_decay``).
+    ``models`` and ``ema`` share keys: ``ema[key]`` is the EMA state dict of ``models[key]``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for m in models.values() for p in m.parameters()], 1.0)
+    opt.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for key, model in models.items():
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[key][k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+
 def _log(work: Path, rec: dict) -> None:
     rec["time"] = time.time()
     with open(work / "log.jsonl", "a") as f:
@@ -209,16 +225,7 @@ def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, 
                   truncation=True, return_tensors="pt").input_ids
         pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
         loss = (weight[t] * ((pred - eps) ** 2).mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for key, model in (("unet", unet), ("text", text)):
-                for k, v in model.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[key][k].mul_(d).add_(v.detach(), alpha=1 - d)
+        train_step(opt, loss, {"unet": unet, "text": text}, ema, step, ema_decay)
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{run_loss:.4f}")
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -268,15 +275,7 @@ def train_pixel_ddpm(work: Path, cfg: PixelDDPMConfig, steps: int, batch: int, l
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         loss = F.mse_loss(unet(sched.add_noise(x0, eps, t), t).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        train_step(opt, loss, {"unet": unet}, {"unet": ema}, step, ema_decay)
         if (step + 1) % 20 == 0 or step + 1 == steps:  # a host sync every 20 steps, not every step
             run_loss = loss.item() if run_loss is None else 0.8 * run_loss + 0.2 * loss.item()
             bar.set_postfix(loss=f"{run_loss:.4f}")

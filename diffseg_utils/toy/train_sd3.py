@@ -73,7 +73,7 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
     gradients clipped at 1. Resumes from ``work/mmdit.pt`` with every random state, so an
     interrupted run reaches the same weights as one that never stopped.
     """
-    from .train import _log, _save
+    from .train import _log, _save, train_step
 
     data = torch.load(work / "latents.pt", weights_only=True)
     torch.manual_seed(seed)
@@ -114,15 +114,7 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
                 do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length)
         pred = model(xs, encoder_hidden_states=cond, pooled_projections=pooled, timestep=s * 1000).sample
         loss = F.mse_loss(pred, e - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        train_step(opt, loss, {"model": model}, {"model": ema}, step, ema_decay)
         if (step + 1) % 20 == 0 or step + 1 == steps:  # a host sync every 20 steps, not every step
             run_loss = loss.item() if run_loss is None else 0.8 * run_loss + 0.2 * loss.item()
             bar.set_postfix(loss=f"{run_loss:.4f}")
