@@ -100,6 +100,26 @@ def train_vae(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, d
             _save(ck, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
 
 
+def warmup_cosine(lr: float, step: int, steps: int, warmup: int, min_lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to ``min_lr`` x ``lr`` at ``steps``."""
+    return lr * min(1.0, (step + 1) / warmup) * (
+        min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+
+def resume(ck: Path, cfg, model, key: str, opt, g: torch.Generator) -> tuple[dict, int, dict]:
+    """Load a training checkpoint written with ``config=cfg.to_dict()``: the model (under ``key``), optimiser and
+    noise-generator state; returns ``(ema, step, checkpoint)``. A fresh run (no ``ck``) gets ``(copy, 0, {})``."""
+    if not ck.exists():
+        return copy.deepcopy(model.state_dict()), 0, {}
+    st = torch.load(ck, weights_only=True)
+    if st["config"] != cfg.to_dict():
+        raise ValueError(f"{ck} was trained with config {st['config']}, not {cfg.to_dict()}; use another --work")
+    model.load_state_dict(st[key])
+    opt.load_state_dict(st["opt"])
+    g.set_state(st["rng"])
+    return st["ema"], int(st["step"]), st
+
+
 def train_step(opt, loss: torch.Tensor, models: dict, ema: dict, step: int, ema_decay: float) -> None:
     """Backward, gradients clipped at norm 1 over all ``models`` together, the optimiser step, then the EMA
     update of each model's floating-point state (decay ``(1 + step) / (10 + step)`` capped at ``ema_decay``).
@@ -254,18 +274,10 @@ def train_pixel_ddpm(work: Path, cfg: PixelDDPMConfig, steps: int, batch: int, l
     torch.manual_seed(seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
     unet, sched = build_pixel_unet(cfg), build_pixel_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    ema = copy.deepcopy(unet.state_dict())
     g = torch.Generator().manual_seed(2024)
-    ck, start = work / "ddpm.pt", 0
-    if ck.exists():
-        st = torch.load(ck, weights_only=True)
-        if st["config"] != cfg.to_dict():
-            raise ValueError(f"{ck} was trained with config {st['config']}, not {cfg.to_dict()}; use another --work")
-        unet.load_state_dict(st["unet"])
-        opt.load_state_dict(st["opt"])
-        ema, start = st["ema"], int(st["step"])
-        g.set_state(st["rng"])
-    lr_at = lambda s: lr * min(1.0, (s + 1) / 200) * (min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    ck = work / "ddpm.pt"
+    ema, start, _ = resume(ck, cfg, unet, "unet", opt, g)
+    lr_at = lambda s: warmup_cosine(lr, s, steps, 200, min_lr)  # noqa: E731
     bar = tqdm(range(start, steps), desc="pixel ddpm", initial=start, total=steps)
     run_loss = None
     for step in bar:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
     gradients clipped at 1. Resumes from ``work/mmdit.pt`` with every random state, so an
     interrupted run reaches the same weights as one that never stopped.
     """
-    from .train import _log, _save, train_step
+    from .train import _log, _save, resume, train_step, warmup_cosine
 
     data = torch.load(work / "latents.pt", weights_only=True)
     torch.manual_seed(seed)
@@ -81,21 +80,13 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
     model = pipe.transformer.train()
     scaling = float(pipe.vae.config.scaling_factor)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    ema = copy.deepcopy(model.state_dict())
-    ck, start = work / "mmdit.pt", 0
+    ck = work / "mmdit.pt"
     g = torch.Generator().manual_seed(5678)
     rng = np.random.default_rng(5678)
-    if ck.exists():
-        st = torch.load(ck, weights_only=True)
-        if st["config"] != cfg.to_dict():
-            raise ValueError(f"{ck} was trained with config {st['config']}, not {cfg.to_dict()}; use another --work")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        ema, start = st["ema"], int(st["step"])
-        g.set_state(st["rng"])
-        rng.bit_generator.state = json.loads(st["np_rng"])
-    lr_at = lambda s: lr * min(1.0, (s + 1) / warmup) * (
-        min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    ema, start, st = resume(ck, cfg, model, "model", opt, g)
+    if st:
+        rng.bit_generator.state = json.loads(st["np_rng"])  # the caption stream too
+    lr_at = lambda s: warmup_cosine(lr, s, steps, warmup, min_lr)  # noqa: E731
     n = data["mean"].shape[0]
     bar = tqdm(range(start, steps), desc="mmdit", initial=start, total=steps)
     run_loss = None
