@@ -74,13 +74,15 @@ class JointAttentionMaps:
     concepts: concept words for ConceptAttention (None: joint cross-attention only).
     layers:   indices of joint blocks whose maps are averaged (default: every eligible one).
     rows:     which batch rows to record: "all", or "second_half" for ``[uncond; cond]`` batches.
+    cross:    also record the joint cross-attention maps (their probabilities are recomputed in float32,
+              ``(B, heads, N, L + N)`` per layer and call: leave it off when only concept maps are wanted).
 
     Maps accumulate (float32, on the token grid) over every denoiser call inside the block;
     ``concept_maps()`` / ``cross_maps()`` return the mean over calls and layers.
     """
 
     def __init__(self, backbone: Backbone, concepts: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-                 rows: str = "all"):
+                 rows: str = "all", cross: bool = True):
         eligible = joint_blocks(backbone)
         self.layers = sorted(eligible if layers is None else {int(i) for i in layers})
         bad = [i for i in self.layers if i not in eligible]
@@ -88,7 +90,9 @@ class JointAttentionMaps:
             raise ValueError(f"layers {bad} are not joint blocks with a continuing text stream; eligible: {eligible}")
         if rows not in ("all", "second_half"):
             raise ValueError(f"rows must be 'all' or 'second_half', got {rows!r}")
-        self.backbone, self.rows = backbone, rows
+        if concepts is None and not cross:
+            raise ValueError("nothing to record: pass concepts=... and/or cross=True")
+        self.backbone, self.rows, self.cross = backbone, rows, cross
         self.concepts = list(concepts) if concepts is not None else None
         self._handles: list = []
         self.reset()
@@ -113,11 +117,13 @@ class JointAttentionMaps:
             self._handles.append(block.register_forward_hook(
                 lambda m, args, kwargs, out, i=i: self._after_block(i, m, kwargs, out), with_kwargs=True))
             attn = block.attn
-            self._handles.append(attn.to_out[0].register_forward_pre_hook(lambda m, a, i=i: self._grab("img", i, a[0])))
-            self._handles.append(attn.to_add_out.register_forward_pre_hook(lambda m, a, i=i: self._grab("txt", i, a[0])))
-            for name in ("to_q", "to_k", "add_k_proj"):
-                self._handles.append(getattr(attn, name).register_forward_hook(
-                    lambda m, a, out, i=i, name=name: self._grab(name, i, out)))
+            if self._c0 is not None and i in self.layers:  # the attention outputs the concept maps compare
+                self._handles.append(attn.to_out[0].register_forward_pre_hook(lambda m, a, i=i: self._grab("img", i, a[0])))
+                self._handles.append(attn.to_add_out.register_forward_pre_hook(lambda m, a, i=i: self._grab("txt", i, a[0])))
+            if self.cross and i in self.layers:  # the projections the joint probabilities are recomputed from
+                for name in ("to_q", "to_k", "add_k_proj"):
+                    self._handles.append(getattr(attn, name).register_forward_hook(
+                        lambda m, a, out, i=i, name=name: self._grab(name, i, out)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,7 +149,7 @@ class JointAttentionMaps:
             return
         text = kwargs["encoder_hidden_states"]
         grid = self.backbone._grid
-        if i in self.layers:
+        if self.cross and i in self.layers:
             self._record_cross(i, block.attn, kwargs, text.shape[1], grid)
         if self._c0 is None:
             return
@@ -204,7 +210,8 @@ class JointAttentionMaps:
     def cross_maps(self) -> torch.Tensor:
         """Joint cross-attention maps ``(N, L, h, w)``: image-query probability on each text token."""
         if self._cross_sum is None:
-            raise RuntimeError("no maps recorded: run the denoiser inside the with block")
+            raise RuntimeError("no cross-attention maps: pass cross=True" if not self.cross
+                               else "no maps recorded: run the denoiser inside the with block")
         return self._cross_sum / (self._n * len(self.layers))
 
 
@@ -240,7 +247,7 @@ def concept_attention(backbone: Backbone, images, concepts: Sequence[str], *, ti
     z0 = backbone.encode(x)
     cond = backbone.encode_prompt([prompt] * len(z0)) if prompt else backbone.empty_prompt(len(z0))
     eps = make_noise(backbone, len(z0), "shared", seed)
-    with JointAttentionMaps(backbone, concepts=concepts, layers=layers) as jam:
+    with JointAttentionMaps(backbone, concepts=concepts, layers=layers, cross=False) as jam:
         for t in timesteps:
             backbone.predict(backbone.add_noise(z0, t, eps), t, cond)
     maps = restore_labels(jam.concept_maps(), geo)  # bilinear from the token grid to each image's own size

@@ -79,6 +79,14 @@ def test_concept_attention_on_images_and_errors(sd3_micro):
     assert joint_blocks(bb) == [0, 1, 2]  # the last block is context_pre_only: no continuing text stream
     with pytest.raises(ValueError, match="eligible"):
         JointAttentionMaps(bb, concepts=CONCEPTS, layers=[3])
+    only = JointAttentionMaps(bb, concepts=CONCEPTS, layers=[1], cross=False)
+    with only:
+        bb.predict(*_inputs(bb, 1))
+    assert only.concept_maps().shape == (1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="cross=True"):
+        only.cross_maps()
+    with pytest.raises(ValueError, match="nothing to record"):
+        JointAttentionMaps(bb, cross=False)
     with pytest.raises(ValueError, match="concepts is empty"):
         concept_attention(bb, imgs, [])
 
