@@ -198,3 +198,16 @@ def test_emerdiff_analog_on_joint_layers(family):
     grid = bb.latent_resolution // bb._denoiser_stride()
     assert res.low_res.shape == (1, grid, grid) and res.labels.shape == (1, bb.resolution, bb.resolution)
     assert res.layer in joint_layers(bb) and hooks() == 0
+
+
+def test_snr_says_how_t_maps_across_families():
+    """The same t is the same index, not the same noise level: DDPM abar/(1-abar) vs flow ((1-s)/s)^2."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffseg_utils.backbones import DDPMNoise
+
+    ddpm = DDPMNoise(DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+    flow = FlowNoise(FlowMatchEulerDiscreteScheduler())
+    a = float(ddpm.scheduler.alphas_cumprod[250])
+    assert ddpm.snr(250) == pytest.approx(a / (1 - a)) and flow.snr(250) == pytest.approx(9.0)
+    assert flow.snr(500) == pytest.approx(1.0) and flow.snr(0) == float("inf") and ddpm.snr(250) != flow.snr(250)

@@ -69,9 +69,6 @@ class Conditioning:
         """A batch-1 conditioning broadcast to ``n`` (no copy)."""
         return self._map(lambda v: v.expand(n, *v.shape[1:]))
 
-    def __getitem__(self, idx) -> "Conditioning":
-        return self._map(lambda v: v[idx])
-
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         """Concatenate along the batch (e.g. ``[uncond; cond]`` for classifier-free guidance)."""
