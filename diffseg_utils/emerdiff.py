@@ -335,11 +335,10 @@ def _joint_modulated_runs(backbone: Backbone, z_tm: torch.Tensor, masks: torch.T
     """The MM-DiT analog: R runs at batch R, ``±lam * M`` added to a joint layer's image output at t_m only."""
     R = masks.shape[0]
     add = masks.flatten(1)[..., None] * (signs * lam).view(-1, 1, 1).to(masks)            # (R, N, 1)
-    x = z_tm.expand(R, -1, -1, -1)
+    x, cond_r = z_tm.expand(R, -1, -1, -1), backbone.empty_prompt(R)
     with _TokenHooks(backbone.denoiser.get_submodule(mod_layer), add=add):
-        out = backbone.predict(x, timesteps[0], backbone.empty_prompt(R))
+        out = backbone.predict(x, timesteps[0], cond_r)
     x = backbone.step(out, timesteps[0], timesteps[1] if len(timesteps) > 1 else None, x)
-    cond_r = backbone.empty_prompt(R)
     for i, t in enumerate(timesteps[1:], start=1):
         x = backbone.step(backbone.predict(x, t, cond_r), t, timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
     return x

@@ -10,7 +10,7 @@ Reading: the UNet takes most of the caption from the end-of-text and padding sta
 text encoder lets see every word; the class-word tokens get 10% of the attention and carry less of
 what the image depends on, so their cross-attention does not have to localise.
 """
-import torch, json
+import torch
 import diffseg_utils as ds
 from diffseg_utils.attention_maps import CrossAttentionMaps
 from diffseg_utils.sampling import generate
