@@ -37,7 +37,39 @@ from .hooks import AttentionProcessors
 from .sampling import generate
 from .text import token_span
 
-__all__ = ["CrossAttentionMaps", "DAAMResult", "MapAccumulator", "daam_segment"]
+__all__ = ["CrossAttentionMaps", "DAAMResult", "MapAccumulator", "daam_segment", "word_heatmaps"]
+
+
+def word_heatmaps(maps: torch.Tensor, tokenizer, prompts: Sequence[str] | str,
+                  words_per_prompt: Sequence[Sequence[str]] | Sequence[str] | str,
+                  image_size: int | tuple[int, int]) -> torch.Tensor:
+    """Word heat maps ``(N, W, H, W_img)`` in [0, 1] from per-token maps ``(N, K, r, r)``.
+
+    A word's map is the mean of its tokens' maps (positions from ``tokenizer``, the one whose tokens
+    index the text condition), bicubic to ``image_size``, min-max normalised per map (DAAM's rule).
+    ``words_per_prompt``: one list of words per prompt, each occurring in its prompt (``ValueError``
+    from :func:`token_span` otherwise); W is the longest list, missing words' maps are zero.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(words_per_prompt, str):
+        words_per_prompt = [words_per_prompt]
+    words = [[w] if isinstance(w, str) else list(w) for w in words_per_prompt]
+    if len(prompts) != maps.shape[0] or len(words) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts and {len(words)} word lists for {maps.shape[0]} "
+                         "generated images; pass one prompt and one word list per image, in batch order")
+    if any(len(w) == 0 for w in words):
+        raise ValueError(f"every prompt needs at least one word; got counts {[len(w) for w in words]}")
+    width = max(len(w) for w in words)
+    per_word = maps.new_zeros(len(words), width, *maps.shape[-2:])          # (N, W, r, r)
+    for i, (p, ws) in enumerate(zip(prompts, words)):
+        for j, w in enumerate(ws):
+            per_word[i, j] = maps[i, token_span(tokenizer, p, w)].mean(0)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if tuple(per_word.shape[-2:]) != size:
+        per_word = F.interpolate(per_word, size=size, mode="bicubic", align_corners=False)
+    lo = per_word.amin((-2, -1), keepdim=True)
+    hi = per_word.amax((-2, -1), keepdim=True)
+    return ((per_word - lo) / (hi - lo).clamp_min(1e-12)).clamp_(0, 1)
 
 
 class MapAccumulator:
@@ -222,29 +254,8 @@ class CrossAttentionMaps:
                           missing words of shorter lists are all zero.
         image_size:       output side or (H, W); default the backbone's image resolution.
         """
-        maps = self.maps
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if isinstance(words_per_prompt, str):
-            words_per_prompt = [words_per_prompt]
-        words = [[w] if isinstance(w, str) else list(w) for w in words_per_prompt]
-        if len(prompts) != maps.shape[0] or len(words) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts and {len(words)} word lists for {maps.shape[0]} "
-                             "generated images; pass one prompt and one word list per image, in batch order")
-        if any(len(w) == 0 for w in words):
-            raise ValueError(f"every prompt needs at least one word; got counts {[len(w) for w in words]}")
-        tok = self.backbone.prompt_tokenizer
-        width = max(len(w) for w in words)
-        per_word = maps.new_zeros(len(words), width, *maps.shape[-2:])          # (N, W, R, R)
-        for i, (p, ws) in enumerate(zip(prompts, words)):
-            for j, w in enumerate(ws):
-                per_word[i, j] = maps[i, token_span(tok, p, w)].mean(0)
-        size = image_size or self.backbone.resolution
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if tuple(per_word.shape[-2:]) != size:
-            per_word = F.interpolate(per_word, size=size, mode="bicubic", align_corners=False)
-        lo = per_word.amin((-2, -1), keepdim=True)
-        hi = per_word.amax((-2, -1), keepdim=True)
-        return ((per_word - lo) / (hi - lo).clamp_min(1e-12)).clamp_(0, 1)
+        return word_heatmaps(self.maps, self.backbone.prompt_tokenizer, prompts, words_per_prompt,
+                             image_size or self.backbone.resolution)
 
     def masks(self, prompts: Sequence[str], words_per_prompt: Sequence[Sequence[str]],
               image_size: int | tuple[int, int] | None = None, threshold: float = 0.4) -> torch.Tensor:

@@ -12,8 +12,10 @@
 
 >>> with JointAttentionMaps(bb, concepts=["circle", "background"], layers=[2, 3]) as jam:   # doctest: +SKIP
 ...     bb.predict(x_t, t, cond)
->>> jam.concept_maps()            # (N, K, h, w), sums to 1 over K
->>> jam.cross_maps()              # (N, L, h, w), image -> text-token probabilities
+>>> jam.concept_maps              # (N, K, h, w), sums to 1 over K
+>>> jam.maps                      # (N, L, h, w), image -> text-token probabilities
+>>> jam.masks(prompts, [["circle"]], 64)          # joint cross-attention, DAAM's rule: (N, 1, 64, 64) bool
+>>> jam.concept_masks([["circle"]], 64)           # ConceptAttention: argmax concept == "circle"
 
 How the concept stream runs: after a joint block's normal forward (untouched), the block is
 called once more with the concept tokens in place of the text tokens (Flux: at position zero),
@@ -29,20 +31,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from .attention_maps import word_heatmaps
 from .backbones import Backbone
 from .backbones.base import tokens_to_map
 from .inputs import restore_labels
 from .text import token_span
 
-__all__ = ["JointAttentionMaps", "JointMapsResult", "concept_attention", "joint_blocks", "concept_tokens"]
+__all__ = ["JointAttentionMaps", "JointMapsResult", "concept_attention", "joint_blocks", "has_joint_blocks",
+           "concept_tokens"]
+
+
+def _joint(backbone: Backbone) -> list[int]:
+    blocks = getattr(backbone.denoiser, "transformer_blocks", None)
+    return [i for i, b in enumerate(blocks or []) if getattr(b, "attn", None) is not None
+            and getattr(b.attn, "to_add_out", None) is not None and hasattr(b, "norm1_context")]
+
+
+def has_joint_blocks(backbone: Backbone) -> bool:
+    """Whether the denoiser is an MM-DiT with joint text/image blocks (SD3 / SD3.5, Flux, toy-sd3)."""
+    return bool(_joint(backbone))
 
 
 def joint_blocks(backbone: Backbone) -> list[int]:
     """Indices ``i`` of ``transformer_blocks.{i}`` that are joint blocks with a text stream that continues."""
-    blocks = getattr(backbone.denoiser, "transformer_blocks", None)
-    out = [i for i, b in enumerate(blocks or []) if getattr(b, "attn", None) is not None
-           and getattr(b.attn, "to_add_out", None) is not None and hasattr(b, "norm1_context")]
+    out = _joint(backbone)
     if not out:
         raise ValueError(f"{type(backbone.denoiser).__name__} has no joint text/image blocks: ConceptAttention and "
                          "joint cross-attention need an MM-DiT (SD3 / SD3.5, Flux, toy-sd3); for UNets and PixArt "
@@ -78,7 +92,9 @@ class JointAttentionMaps:
               ``(B, heads, N, L + N)`` per layer and call: leave it off when only concept maps are wanted).
 
     Maps accumulate (float32, on the token grid) over every denoiser call inside the block;
-    ``concept_maps()`` / ``cross_maps()`` return the mean over calls and layers.
+    ``concept_maps`` / ``maps`` are the mean over calls and layers; :meth:`heatmaps` / :meth:`masks` turn
+    ``maps`` into word maps exactly as :class:`~diffseg_utils.attention_maps.CrossAttentionMaps` does (DAAM's
+    rule), :meth:`concept_masks` gives ConceptAttention's argmax masks of given concepts.
     """
 
     def __init__(self, backbone: Backbone, concepts: Sequence[str] | None = None, layers: Sequence[int] | None = None,
@@ -201,18 +217,54 @@ class JointAttentionMaps:
         setattr(self, name, m if cur is None else cur + m)
 
     # ---------------------------------------------------------------- results
+    @property
     def concept_maps(self) -> torch.Tensor:
         """ConceptAttention maps ``(N, K, h, w)`` on the token grid, mean over calls and layers (sum 1 over K)."""
         if self._concept_sum is None:
             raise RuntimeError("no concept maps: pass concepts=... and run the denoiser inside the with block")
         return self._concept_sum / (self._n * len(self.layers))
 
-    def cross_maps(self) -> torch.Tensor:
+    @property
+    def maps(self) -> torch.Tensor:
         """Joint cross-attention maps ``(N, L, h, w)``: image-query probability on each text token."""
         if self._cross_sum is None:
             raise RuntimeError("no cross-attention maps: pass cross=True" if not self.cross
                                else "no maps recorded: run the denoiser inside the with block")
         return self._cross_sum / (self._n * len(self.layers))
+
+    def heatmaps(self, prompts: Sequence[str], words_per_prompt: Sequence[Sequence[str]],
+                 image_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """Joint cross-attention word heat maps ``(N, W, H, W_img)`` in [0, 1] (DAAM's rule, see
+        :func:`~diffseg_utils.attention_maps.word_heatmaps`); one prompt and word list per recorded row."""
+        return word_heatmaps(self.maps, self.backbone.prompt_tokenizer, prompts, words_per_prompt,
+                             image_size or self.backbone.resolution)
+
+    def masks(self, prompts: Sequence[str], words_per_prompt: Sequence[Sequence[str]],
+              image_size: int | tuple[int, int] | None = None, threshold: float = 0.4) -> torch.Tensor:
+        """Boolean masks ``heatmaps(...) > threshold`` (DAAM's 0.4), shape ``(N, W, H, W_img)``."""
+        return self.heatmaps(prompts, words_per_prompt, image_size) > threshold
+
+    def concept_masks(self, concepts_per_row: Sequence[Sequence[str]],
+                      image_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """ConceptAttention masks ``(N, W, H, W_img)`` bool: pixels whose most probable concept (maps bilinear
+        to ``image_size``, argmax over all K concepts) is the row's w-th concept; W is the longest list and
+        missing entries are empty. Every name must be one of this block's ``concepts``."""
+        if self.concepts is None:
+            raise RuntimeError("no concept maps: create JointAttentionMaps(..., concepts=[...])")
+        maps = self.concept_maps
+        rows = [[c] if isinstance(c, str) else list(c) for c in concepts_per_row]
+        if len(rows) != maps.shape[0]:
+            raise ValueError(f"got {len(rows)} concept lists for {maps.shape[0]} recorded rows; pass one per row")
+        unknown = sorted({c for r in rows for c in r} - set(self.concepts))
+        if unknown:
+            raise ValueError(f"{unknown} are not among this block's concepts {self.concepts}; add them to concepts=")
+        size = image_size or self.backbone.resolution
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        labels = F.interpolate(maps, size=size, mode="bilinear", align_corners=False).argmax(1)     # (N, H, W)
+        width = max(len(r) for r in rows)
+        idx = torch.tensor([[self.concepts.index(c) for c in r] + [-1] * (width - len(r)) for r in rows],
+                           device=labels.device)                                                      # (N, W)
+        return labels[:, None] == idx[:, :, None, None]
 
 
 @dataclass
@@ -250,6 +302,6 @@ def concept_attention(backbone: Backbone, images, concepts: Sequence[str], *, ti
     with JointAttentionMaps(backbone, concepts=concepts, layers=layers, cross=False) as jam:
         for t in timesteps:
             backbone.predict(backbone.add_noise(z0, t, eps), t, cond)
-    maps = restore_labels(jam.concept_maps(), geo)  # bilinear from the token grid to each image's own size
+    maps = restore_labels(jam.concept_maps, geo)  # bilinear from the token grid to each image's own size
     labels = [m.argmax(0) for m in maps] if isinstance(maps, list) else maps.argmax(1)
     return JointMapsResult(maps=maps, labels=labels)

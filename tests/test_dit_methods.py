@@ -1,6 +1,7 @@
 """The methods that only need blocks and noise run unchanged on a diffusion transformer (micro SD3)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import diffseg_utils as ds
@@ -73,3 +74,63 @@ def test_grounding_on_transformer_features(sd3_micro):
     assert class_embeddings(sd3_micro, ["star", "ring"]).shape == (2, 32)
     res = ds.ground(sd3_micro, gm, "a photo of a star", ["star", "ring"], num_steps=2)
     assert res.labels.shape == (1, sd3_micro.resolution, sd3_micro.resolution)
+
+
+def test_protocol_one_scores_the_joint_maps_on_an_mmdit(sd3_micro, monkeypatch):
+    """On an MM-DiT protocol I scores joint cross-attention and ConceptAttention (DAAM needs cross-attention)."""
+    from diffseg_utils.grounding import labelers
+    from diffseg_utils.grounding.module import GroundingConfig, GroundingModule
+    from diffseg_utils.grounding.protocols import evaluate_on_generations
+
+    names = ("star", "circle", "square")
+    monkeypatch.setattr(labelers.SegmenterLabeler, "__call__", lambda self, gen, ns: (
+        torch.ones(len(ns), max(map(len, ns)), *gen.images.shape[-2:], dtype=torch.bool),
+        torch.ones(len(ns), max(map(len, ns)), dtype=torch.bool)))
+    gm = GroundingModule.for_backbone(sd3_micro, config=GroundingConfig(d_model=16, heads=2, layers=1, ff=32))
+    res = evaluate_on_generations(sd3_micro, gm, None, names, names[:2], num_images=2, num_steps=2, progress=False,
+                                  template="a photo of a {}")
+    assert set(res.iou) == {"grounding", "joint_cross_attention", "concept_attention"}
+    assert set(res.examples) >= {"joint_cross_attention", "concept_attention"}
+    # the truth is every pixel: IoU = the predicted area, which the argmax masks of two images cannot all fill
+    assert all(0 <= v <= 1 for m in res.iou.values() for v in m.values() if v == v)
+
+
+def test_token_study_adds_the_concept_token_on_an_mmdit(sd3_micro, monkeypatch):
+    from diffseg_utils.grounding import labelers
+    from diffseg_utils.grounding.diagnostics import cross_attention_tokens
+
+    def left_half(self, gen, ns):
+        truth = torch.zeros(len(ns), 1, *gen.images.shape[-2:], dtype=torch.bool)
+        truth[..., : gen.images.shape[-1] // 2] = True
+        return truth, torch.ones(len(ns), 1, dtype=torch.bool)
+    monkeypatch.setattr(labelers.SegmenterLabeler, "__call__", left_half)
+    study = cross_attention_tokens(sd3_micro, None, ("star", "circle"), ["a photo of a {}"], num_images=2, num_steps=2,
+                                   progress=False)
+    assert study.roles[-2:] == ("concept token", "whole image") and study.pairs == 2
+    assert abs(study.iou["a photo of a {}"]["whole image"] - 0.5) < 1e-6
+    r = sd3_micro.resolution
+    assert study.examples["a photo of a {}"]["maps"]["concept token"].shape == (2, r, r)
+
+
+def test_concept_and_word_masks_match_a_plain_reference(sd3_micro):
+    import torch.nn.functional as F
+
+    from diffseg_utils.attention_maps import word_heatmaps
+    from diffseg_utils.grounding.protocols import attention_maps, attention_masks
+    from diffseg_utils.text import token_span
+
+    prompts = ["a photo of a star", "a photo of a circle and a square"]
+    names = [["star"], ["circle", "square"]]
+    cam = attention_maps(sd3_micro, cfg_batch=True, concepts=["star", "circle", "square", "background"])
+    with cam:
+        generate(sd3_micro, prompts, num_steps=2, guidance_scale=3.0)
+    got = attention_masks(cam, prompts, names, 32)
+    lab = F.interpolate(cam.concept_maps, size=(32, 32), mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(got["concept_attention"][1, 1], lab[1] == 2) and not got["concept_attention"][0, 1].any()
+    m = cam.maps[1, token_span(sd3_micro.prompt_tokenizer, prompts[1], "square")].mean(0)
+    up = F.interpolate(m[None, None], size=(32, 32), mode="bicubic", align_corners=False)[0, 0]
+    ref = (up - up.min()) / (up.max() - up.min())
+    torch.testing.assert_close(word_heatmaps(cam.maps, sd3_micro.prompt_tokenizer, prompts, names, 32)[1, 1], ref)
+    assert torch.equal(got["joint_cross_attention"][1, 1], ref > 0.4)
+    with pytest.raises(ValueError, match="not among this block's concepts"):
+        cam.concept_masks([["hexagon"], ["star"]], 32)

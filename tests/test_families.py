@@ -163,7 +163,7 @@ def test_joint_attention_maps_leave_generation_bitwise_unchanged(family):
         hooked = bb.predict(x, 600, cond)
     assert torch.equal(plain, hooked)
     grid = r // bb._denoiser_stride()
-    cm, xm = jam.concept_maps(), jam.cross_maps()
+    cm, xm = jam.concept_maps, jam.maps
     assert cm.shape == (1, 2, grid, grid) and xm.shape == (1, cond.embeds.shape[1], grid, grid)
     torch.testing.assert_close(cm.sum(1), torch.ones(1, grid, grid))
     assert float(xm.min()) >= 0 and float(xm.sum(1).max()) <= 1 + 1e-5

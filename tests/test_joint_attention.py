@@ -22,8 +22,8 @@ def test_generation_is_bitwise_unchanged(sd3_micro):
     with JointAttentionMaps(bb, concepts=CONCEPTS) as jam:
         hooked = bb.predict(x, t, cond)
     assert torch.equal(plain, hooked)
-    assert jam.concept_maps().shape == (2, 3, 8, 8) and jam.cross_maps().shape == (2, 16, 8, 8)
-    torch.testing.assert_close(jam.concept_maps().sum(1), torch.ones(2, 8, 8))
+    assert jam.concept_maps.shape == (2, 3, 8, 8) and jam.maps.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(jam.concept_maps.sum(1), torch.ones(2, 8, 8))
     procs = {n: type(m.processor) for n, m in bb.denoiser.named_modules() if hasattr(m, "processor")}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bb.denoiser.modules())
     assert hooks == 0 and all(p.__name__ == "JointAttnProcessor2_0" for p in procs.values())
@@ -66,8 +66,8 @@ def test_maps_equal_a_plain_computation(sd3_micro, layer):
     want = torch.einsum("bnw,bkw->bkn", img_out, con_out).softmax(1).view(2, 3, 8, 8)
     with JointAttentionMaps(bb, concepts=CONCEPTS, layers=[layer]) as jam:
         bb.predict(x, t, cond)
-    torch.testing.assert_close(jam.concept_maps(), want, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(jam.cross_maps(), cross.transpose(1, 2).reshape(2, -1, 8, 8), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(jam.concept_maps, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(jam.maps, cross.transpose(1, 2).reshape(2, -1, 8, 8), atol=1e-6, rtol=1e-4)
 
 
 def test_concept_attention_on_images_and_errors(sd3_micro):
@@ -82,9 +82,9 @@ def test_concept_attention_on_images_and_errors(sd3_micro):
     only = JointAttentionMaps(bb, concepts=CONCEPTS, layers=[1], cross=False)
     with only:
         bb.predict(*_inputs(bb, 1))
-    assert only.concept_maps().shape == (1, 3, 8, 8)
+    assert only.concept_maps.shape == (1, 3, 8, 8)
     with pytest.raises(RuntimeError, match="cross=True"):
-        only.cross_maps()
+        only.maps
     with pytest.raises(ValueError, match="nothing to record"):
         JointAttentionMaps(bb, cross=False)
     with pytest.raises(ValueError, match="concepts is empty"):

@@ -1,4 +1,4 @@
-"""Where does a backbone's cross-attention put a prompt's tokens? A measured check of the DAAM baseline.
+"""Where does a backbone's cross-attention put a prompt's tokens? A measured check of the attention baselines.
 
 DAAM reads a word's segmentation off the cross-attention probabilities of that word's tokens.
 That presumes the UNet attends from an object's pixels to the *word* naming it. A small model may
@@ -6,7 +6,9 @@ route the prompt's content through another token instead (in a causal text encod
 end-of-text token has seen every word), and then the class word's map says little about the
 object. :func:`cross_attention_tokens` measures this directly: on one-object generations it
 scores, against a segmenter's masks, the DAAM mask of each token role below, under several
-prompt templates (same seeds, so the same noise, for every template).
+prompt templates (same seeds, so the same noise, for every template). On an MM-DiT the maps are the
+joint cross-attention's (image queries on text keys), and one more role is scored: the class's
+ConceptAttention map (its concept token, encoded on its own, never fed back).
 """
 from __future__ import annotations
 
@@ -18,19 +20,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..attention_maps import CrossAttentionMaps
 from ..backbones import Backbone
+from ..joint_attention import has_joint_blocks
 from ..text import token_span
 from .features import generate_with_features
 from .labelers import SegmenterLabeler
 from .prompts import sample_prompt, sample_seed
+from .protocols import attention_maps
 
 __all__ = ["ROLES", "TokenStudy", "cross_attention_tokens"]
 
-ROLES = ("class word", "start of text", "end of text", "class word, inverted", "whole image")
-"""The maps scored: a token's DAAM map (start-of-text, the class word, end-of-text), the class word's map
-turned upside down (1 - map: high where the word is *not* attended), and every pixel (the floor a
-query-agnostic guess gets)."""
+ROLES = ("class word", "start of text", "end of text", "class word, inverted", "concept token", "whole image")
+"""The maps scored: a token's attention map (start-of-text, the class word, end-of-text), the class word's map
+turned upside down (1 - map: high where the word is *not* attended), the class's ConceptAttention map (MM-DiTs
+only: argmax over the classes and "background"), and every pixel (the floor a query-agnostic guess gets)."""
 
 
 @dataclass
@@ -38,6 +41,7 @@ class TokenStudy:
     """IoU with the segmenter's masks of DAAM masks made from each token role, per prompt template."""
 
     templates: tuple[str, ...]
+    roles: tuple[str, ...]                    # the ROLES this backbone has
     iou: dict[str, dict[str, float]]          # template -> role -> IoU (intersections / unions summed over images)
     similarity: dict[str, float]              # template -> mean Pearson r between class-word and start-token maps
     pairs: int                                # images whose prompted object the segmenter found (the ones scored)
@@ -45,7 +49,7 @@ class TokenStudy:
 
     def table(self) -> dict[str, dict[str, float]]:
         """role -> template -> IoU (rows to print)."""
-        return {r: {t: self.iou[t][r] for t in self.templates} for r in ROLES}
+        return {r: {t: self.iou[t][r] for t in self.templates} for r in self.roles}
 
 
 def _normalise(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -87,11 +91,14 @@ def cross_attention_tokens(
     labeler = SegmenterLabeler(segmenter, min_score=min_score)
     tok = backbone.prompt_tokenizer
     iou, sim, examples, pairs = {}, {}, {}, 0
-    roles = [r for r in ROLES if r != "whole image"]
+    concepts = [*class_names, "background"]
+    joint = has_joint_blocks(backbone)
+    all_roles = tuple(r for r in ROLES if joint or r != "concept token")
+    roles = [r for r in all_roles if r != "whole image"]
     bar = tqdm(total=len(templates) * num_images, desc="cross-attention tokens", disable=not progress)
     for tpl in templates:
-        inter = dict.fromkeys(ROLES, 0.0)
-        union = dict.fromkeys(ROLES, 0.0)
+        inter = dict.fromkeys(all_roles, 0.0)
+        union = dict.fromkeys(all_roles, 0.0)
         rs: list[float] = []
         ex: dict = {"images": [], "prompts": [], "truth": [], "maps": {r: [] for r in roles}}
         pairs = 0
@@ -99,7 +106,7 @@ def cross_attention_tokens(
             idx = range(s, min(s + batch_size, num_images))
             pn = [sample_prompt(class_names, i, seed, template=tpl, two_prob=0.0) for i in idx]
             prompts, names = [p for p, _ in pn], [n for _, n in pn]
-            with CrossAttentionMaps(backbone, cfg_batch=guidance_scale != 1.0) as cam:
+            with attention_maps(backbone, cfg_batch=guidance_scale != 1.0, concepts=concepts if joint else None) as cam:
                 gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                                              seed=[sample_seed(seed, i) for i in idx])
             size = gen.images.shape[-1]
@@ -114,9 +121,14 @@ def cross_attention_tokens(
             heat = {r: _normalise(torch.stack([maps[i, k].mean(0) for i, k in enumerate(pos[r])]), size)
                     for r in pos}
             heat["class word, inverted"] = 1 - heat["class word"]
-            pred = {r: heat[r] > threshold for r in roles}
+            pred = {r: heat[r] > threshold for r in heat}
+            if joint:  # the class's concept probability (shown), its argmax mask (scored)
+                ci = [concepts.index(nm[0]) for nm in names]
+                heat["concept token"] = F.interpolate(cam.concept_maps.cpu(), size=(size, size), mode="bilinear",
+                                                      align_corners=False)[torch.arange(len(ci)), ci]
+                pred["concept token"] = cam.concept_masks([nm[:1] for nm in names], size)[:, 0].cpu()
             pred["whole image"] = torch.ones_like(gt)
-            for r in ROLES:
+            for r in all_roles:
                 inter[r] += float((pred[r] & gt)[ok].sum())
                 union[r] += float((pred[r] | gt)[ok].sum())
             for i in range(len(prompts)):
@@ -130,11 +142,11 @@ def cross_attention_tokens(
                 for r in roles:
                     ex["maps"][r].append(heat[r][i])
             bar.update(len(prompts))
-        iou[tpl] = {r: inter[r] / union[r] if union[r] else float("nan") for r in ROLES}
+        iou[tpl] = {r: inter[r] / union[r] if union[r] else float("nan") for r in all_roles}
         sim[tpl] = float(np.nanmean(rs))
         if ex["images"]:
             examples[tpl] = {"images": torch.stack(ex["images"]), "prompts": ex["prompts"],
                              "truth": torch.stack(ex["truth"]),
                              "maps": {r: torch.stack(v) for r, v in ex["maps"].items()}}
     bar.close()
-    return TokenStudy(templates, iou, sim, pairs, examples)
+    return TokenStudy(templates, all_roles, iou, sim, pairs, examples)

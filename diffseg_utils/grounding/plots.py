@@ -39,9 +39,14 @@ def show_shards(shards, k: int = 8, unseen: Sequence[str] = ()):
     return fig
 
 
+METHOD_LABELS = {"grounding": "grounding module", "daam": "cross-attention (DAAM)",
+                 "joint_cross_attention": "joint cross-attention", "concept_attention": "ConceptAttention"}
+"""How figures name protocol I's methods."""
+
+
 def show_protocol_one(result, unseen: Sequence[str], k: int = 4):
     """Up to ``k`` unseen and ``k`` seen (image, class) pairs of a protocol-I result that the segmenter found:
-    the image, the segmenter's mask (the truth), the grounding module's and the cross-attention mask."""
+    the image, the segmenter's mask (the truth), then each method's mask (the grounding module, the attention maps)."""
     import matplotlib.pyplot as plt
 
     ex = result.examples
@@ -49,8 +54,9 @@ def show_protocol_one(result, unseen: Sequence[str], k: int = 4):
     pairs = [(i, w) for i, ns in enumerate(ex["names"]) for w, c in enumerate(ns) if ex["oracle"][i][w].any()]
     cols = [p for p in pairs if ex["names"][p[0]][p[1]] in unseen][:k]
     cols += [p for p in pairs if ex["names"][p[0]][p[1]] not in unseen][:k]
-    rows = [("oracle", "segmenter (truth)"), ("grounding", "grounding module"), ("daam", "cross-attention")]
-    fig, axes = plt.subplots(4, max(len(cols), 1), figsize=(1.45 * max(len(cols), 1) + 1.2, 6.4), squeeze=False)
+    rows = [("oracle", "segmenter (truth)")] + [(m, METHOD_LABELS.get(m, m)) for m in result.iou]
+    fig, axes = plt.subplots(1 + len(rows), max(len(cols), 1), figsize=(1.45 * max(len(cols), 1) + 1.2,
+                                                                        1.6 * (1 + len(rows))), squeeze=False)
     used = torch.zeros(len(names), dtype=torch.bool)
     for j, (i, w) in enumerate(cols):
         c, img = ex["names"][i][w], ex["images"][i]
@@ -60,7 +66,7 @@ def show_protocol_one(result, unseen: Sequence[str], k: int = 4):
         for r, (key, label) in enumerate(rows, 1):
             show_labels(ex[key][i][w].long() * cid, axes[r, j], image=img, title=label)
     label_legend(axes[1, -1], names, torch.nonzero(used).flatten(), unseen=unseen)
-    fig.suptitle("each column: one prompted class in one generated image; a good method's mask (rows 3-4) "
+    fig.suptitle("each column: one prompted class in one generated image; a good method's mask (rows 3 on) "
                  "matches the segmenter's (row 2)", fontsize=8)
     fig.tight_layout()
     return fig

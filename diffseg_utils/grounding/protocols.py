@@ -2,8 +2,10 @@
 
 * Protocol I (:func:`evaluate_on_generations`): generate images from prompts over *all*
   categories (the backbone's prompt template), take a segmenter's masks as ground truth, and score the grounding
-  module and the cross-attention baseline (DAAM) on the very same generations (one pass:
-  features, attention maps and images come from the same denoising run). mIoU per category,
+  module and the training-free attention maps on the very same generations (one pass: features,
+  attention maps and images come from the same denoising run). The maps are the ones the backbone
+  has: DAAM's cross-attention maps on UNets and PixArt; joint cross-attention and ConceptAttention
+  on MM-DiTs (SD3, Flux, toy-sd3). mIoU per category,
   averaged over seen and over unseen categories.
 * Protocol II (:class:`GroundingLabeler` with :func:`~diffseg_utils.grounding.shards.synthesize`, then
   :func:`fit_segmenter` + :func:`evaluate_segmenter`): the grounded generator writes a segmentation
@@ -33,8 +35,38 @@ from .labelers import GroundingLabeler, SegmenterLabeler
 from .module import GroundingModule, class_embeddings, query_template
 from .prompts import sample_prompt, sample_seed
 
-__all__ = ["ProtocolOneResult", "evaluate_on_generations", "GroundingLabeler", "fit_segmenter",
+__all__ = ["ATTENTION_METHODS", "attention_maps", "attention_masks", "ProtocolOneResult", "evaluate_on_generations", "GroundingLabeler", "fit_segmenter",
            "evaluate_segmenter", "harmonic"]
+
+
+ATTENTION_METHODS = {"cross": ("daam",), "joint": ("joint_cross_attention", "concept_attention")}
+"""The training-free map methods protocol I scores, by the attention a backbone has."""
+
+
+def attention_maps(backbone: Backbone, *, cfg_batch: bool, concepts: Sequence[str] | None = None,
+                   layers: Sequence[int] | None = None):
+    """The attention-map collector this backbone supports (a context manager around any generation):
+    :class:`~diffseg_utils.joint_attention.JointAttentionMaps` on MM-DiTs (joint cross-attention, plus
+    ConceptAttention when ``concepts`` are given), else
+    :class:`~diffseg_utils.attention_maps.CrossAttentionMaps` (DAAM; ``concepts`` and ``layers`` unused)."""
+    from ..joint_attention import JointAttentionMaps, has_joint_blocks
+
+    if not has_joint_blocks(backbone):
+        return CrossAttentionMaps(backbone, cfg_batch=cfg_batch)
+    return JointAttentionMaps(backbone, concepts=concepts, layers=layers, rows="second_half" if cfg_batch else "all")
+
+
+def attention_masks(maps, prompts: Sequence[str], names: Sequence[Sequence[str]], image_size: int,
+                    threshold: float = 0.4) -> dict[str, torch.Tensor]:
+    """method -> ``(N, W, H, W)`` bool masks of each prompt's ``names`` from an :func:`attention_maps` collector:
+    the word's map thresholded at ``threshold`` after min-max (DAAM's rule, for DAAM and joint cross-attention);
+    ConceptAttention's argmax over its concepts."""
+    if isinstance(maps, CrossAttentionMaps):
+        return {"daam": maps.masks(prompts, names, image_size, threshold)}
+    out = {"joint_cross_attention": maps.masks(prompts, names, image_size, threshold)}
+    if maps.concepts is not None:
+        out["concept_attention"] = maps.concept_masks(names, image_size)
+    return out
 
 
 def harmonic(a: float, b: float) -> float:
@@ -80,41 +112,52 @@ def evaluate_on_generations(
     guidance_scale: float = 5.0,
     feature_step: int = -1,
     batch_size: int = 16,
-    daam_threshold: float = 0.4,
+    threshold: float = 0.4,
     min_score: float = 0.05,
     keep_examples: int = 8,
     template: str | None = None,
+    layers: Sequence[int] | None = None,
+    background: str = "background",
     progress: bool = True,
 ) -> ProtocolOneResult:
-    """Protocol I: grounding module vs cross-attention maps on generations, segmenter masks as ground truth.
+    """Protocol I: grounding module vs attention maps on generations, segmenter masks as ground truth.
 
     Prompts ``template.format("c1[ and a c2]")`` over all ``class_names`` (seed ``seed``, disjoint
     from the training seeds by default); ``template`` defaults to the backbone's prompt template
     and must be the one the module was trained with (:func:`~.module.query_template`). A prompted
     class the segmenter does not find is not scored (we cannot know where it should be).
+
+    The attention maps (:func:`attention_maps`) are summed over every step, conditional rows only:
+    DAAM (UNets, PixArt) or joint cross-attention and ConceptAttention (MM-DiTs; joint blocks ``layers``,
+    default every eligible one; concepts = ``class_names`` + ``background``). Word maps are thresholded
+    at ``threshold`` after min-max; ConceptAttention's mask is its argmax over the concepts.
+    Methods: ``"grounding"`` and :data:`ATTENTION_METHODS` of the backbone's kind.
     """
     class_names = tuple(class_names)
     template = query_template(backbone, module, template)
     queries = class_embeddings(backbone, class_names, template)            # (C, D)
     oracle = SegmenterLabeler(segmenter, min_score=min_score)              # top mask per prompted class
-    inter = {m: np.zeros(len(class_names)) for m in ("grounding", "daam")}
-    union = {m: np.zeros(len(class_names)) for m in ("grounding", "daam")}
+    concepts = [*class_names, background]
+    inter: dict[str, np.ndarray] = {}
+    union: dict[str, np.ndarray] = {}
     count = np.zeros(len(class_names), dtype=int)
-    ex: dict[str, list] = {"images": [], "prompts": [], "names": [], "oracle": [], "grounding": [], "daam": []}
+    ex: dict[str, list] = {"images": [], "prompts": [], "names": [], "oracle": []}
     for s in tqdm(range(0, num_images, batch_size), desc="protocol I", disable=not progress):
         idx = range(s, min(s + batch_size, num_images))
         pn = [sample_prompt(class_names, i, seed, template=template) for i in idx]
         prompts, names = [p for p, _ in pn], [n for _, n in pn]
-        with CrossAttentionMaps(backbone, cfg_batch=guidance_scale != 1.0) as cam:
+        with attention_maps(backbone, cfg_batch=guidance_scale != 1.0, concepts=concepts, layers=layers) as cam:
             gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                                          seed=[sample_seed(seed, i) for i in idx], feature_step=feature_step)
         size = gen.images.shape[-1]
         truth, valid = oracle(gen, names)                                                 # (n, M, H, W), (n, M)
-        daam = cam.masks(prompts, names, threshold=daam_threshold, image_size=size)      # (n, W, H, W)
         width = max(len(n) for n in names)
         cid = torch.tensor([[class_names.index(c) for c in n] + [0] * (width - len(n)) for n in names])
         logits = module(gen.features, queries[cid], out_size=size)                       # (n, W, H, W)
-        pred = {"grounding": logits > 0, "daam": daam}
+        pred = {"grounding": logits > 0, **attention_masks(cam, prompts, names, size, threshold)}  # (n, W, H, W)
+        for m in pred:
+            inter.setdefault(m, np.zeros(len(class_names)))
+            union.setdefault(m, np.zeros(len(class_names)))
         gt = truth[:, :width].to(logits.device)                                          # (n, W, H, W)
         # per (image, word) counts, one copy to the host per batch
         counts = {m: torch.stack([(p.to(gt.device) & gt).sum((-2, -1)), (p.to(gt.device) | gt).sum((-2, -1))]).cpu()
@@ -132,8 +175,8 @@ def evaluate_on_generations(
             ex["images"].extend(gen.images.cpu())
             ex["prompts"].extend(prompts)
             ex["names"].extend(names)
-            ex["grounding"].extend(pred["grounding"].cpu())
-            ex["daam"].extend(daam.cpu())
+            for m, p in pred.items():
+                ex.setdefault(m, []).extend(p.cpu())
             ex["oracle"].extend(truth.cpu())
     ex = {k: v[:keep_examples] for k, v in ex.items()}
     iou = {m: {c: (inter[m][i] / union[m][i] if count[i] else float("nan")) for i, c in enumerate(class_names)}
