@@ -30,7 +30,7 @@ class RegistryEntry:
     note: str = ""
     prompt_template: str = PAPER_PROMPT_TEMPLATE  # how a class name becomes a prompt (text-conditional models)
     dataset: str | None = None  # the dataset the model was trained on / is meant for, when there is one
-    grounding_defaults: str | None = None  # module with grounding settings specific to this backbone (toy)
+    grounding_defaults: str | None = None  # 'package.module:NAME' of its GroundingDefaults (toy)
     options: dict = field(default_factory=dict)  # keyword arguments of its family's from_pretrained
 
 
@@ -38,10 +38,11 @@ REGISTRY: dict[str, RegistryEntry] = {
     # the toy SD was trained on captions "a photo of a ..." only: "photograph" is an untrained token for it
     "toy": RegistryEntry(str(TOY_SD_DIR), "latent", "tiny SD trained on the toy shapes world, shipped in data/toy-sd",
                          prompt_template="a photo of a {}", dataset="toy-shapes",
-                         grounding_defaults="diffseg_utils.toy.grounding_defaults"),
+                         grounding_defaults="diffseg_utils.toy.grounding_defaults:TOY"),
     # the toy MM-DiT has no T5: its prompts are the 16 CLIP tokens alone (it was trained with max_sequence_length=0)
     "toy-sd3": RegistryEntry(str(TOY_SD3_DIR), "latent", "tiny SD3-architecture MM-DiT trained on the toy shapes world, "
                              "shipped in data/toy-sd3", prompt_template="a photo of a {}", dataset="toy-shapes",
+                             grounding_defaults="diffseg_utils.toy.grounding_defaults:TOY_SD3",
                              options={"max_sequence_length": 0}),
     "toy-faces-ddpm": RegistryEntry(str(TOY_FACES_DIR), "pixel",
                                     "tiny unconditional pixel DDPM trained on the toy faces world, shipped in "

@@ -229,7 +229,7 @@ def test_accelerate_two_processes_equal_one(toy, oracle_labeler, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "diffseg_utils.grounding.synth",
-           "--backbone", "toy", "--defaults", "diffseg_utils.toy.grounding_defaults", "--out", str(out),
+           "--backbone", "toy", "--defaults", "diffseg_utils.toy.grounding_defaults:TOY", "--out", str(out),
            "--num-samples", "4", "--shard-size", "1", "--num-steps", "2", "--guidance-scale", "5.0", "--seed", "7",
            "--classes", "seen", "--labeler", "oracle", "--no-progress"]
     burner = _burn_cpu(120)
@@ -408,3 +408,20 @@ def test_manifest_and_shard_writes_are_safe_under_concurrency(tmp_path):
     sh._save_shard({"x": torch.zeros(2)}, sh.shard_path(tmp_path, 0))
     assert other.exists() and torch.load(sh.shard_path(tmp_path, 0), weights_only=True)["x"].shape == (2,)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name and p != other]
+
+
+def test_grounding_defaults_resolve_by_name_and_refuse_what_is_not_one():
+    from diffseg_utils.grounding.defaults import GroundingDefaults, resolve_defaults
+    from diffseg_utils.toy.grounding_defaults import TOY, TOY_SD3
+
+    assert resolve_defaults("diffseg_utils.toy.grounding_defaults:TOY") is TOY
+    assert TOY_SD3.class_sets == TOY.class_sets and TOY_SD3.checkpoint != TOY.checkpoint
+    assert resolve_defaults(None, None) is None
+    with pytest.raises(ValueError, match="package.module:NAME"):
+        resolve_defaults("diffseg_utils.toy.grounding_defaults")
+    with pytest.raises(ValueError, match="not a GroundingDefaults"):
+        resolve_defaults("diffseg_utils.toy.grounding_defaults:CLASS_SETS")
+    with pytest.raises(ValueError, match="cannot load"):
+        resolve_defaults("diffseg_utils.toy.grounding_defaults:NOPE")
+    with pytest.raises(ValueError, match="missing"):
+        GroundingDefaults(class_sets={"seen": ("a",)}, segmenter=print)

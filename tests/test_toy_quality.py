@@ -91,9 +91,9 @@ def test_grounding_module_beats_cross_attention_on_seen_classes(toy):
     from diffseg_utils.grounding.protocols import evaluate_on_generations
 
     defaults = resolve_defaults(None, toy)
-    gm = GroundingModule.load(defaults.CHECKPOINT, device=toy)
-    res = evaluate_on_generations(toy, gm, defaults.segmenter(toy.device), defaults.CLASS_SETS["all"],
-                                  defaults.CLASS_SETS["seen"], num_images=24, seed=10_000, num_steps=20,
+    gm = GroundingModule.load(defaults.checkpoint, device=toy)
+    res = evaluate_on_generations(toy, gm, defaults.segmenter(toy.device), defaults.class_sets["all"],
+                                  defaults.class_sets["seen"], num_images=24, seed=10_000, num_steps=20,
                                   progress=False)
     tab = res.table()
     print(tab)

@@ -139,7 +139,7 @@ class Backbone:
         # conventions that belong to the checkpoint (set from the registry by load_backbone):
         self.prompt_template: str = PAPER_PROMPT_TEMPLATE  # how a class name becomes a prompt
         self.dataset: str | None = None                    # the dataset it was trained for, if any
-        self.grounding_defaults: str | None = None         # module with toy-specific grounding settings
+        self.grounding_defaults: str | None = None         # "package.module:NAME" of its GroundingDefaults
 
     def _place(self, module: nn.Module) -> nn.Module:
         """Move to the backbone's device and dtype (only what differs), frozen, in eval mode."""

@@ -72,14 +72,22 @@ def show_protocol_one(result, unseen: Sequence[str], k: int = 4):
     return fig
 
 
-def show_token_study(study, k: int = 3, roles: Sequence[str] = ("class word", "end of text")):
+def show_token_study(study, k: int = 3, roles: Sequence[str] | None = None):
     """For each template of a :class:`~.diagnostics.TokenStudy`: ``k`` generations, the segmenter's mask and
-    the DAAM heat map of each token role (bright = attended)."""
+    the heat map of each token role (default: class word, end of text, and the concept token where the study
+    has it; bright = attended)."""
     import matplotlib.pyplot as plt
 
+    if roles is None:
+        roles = [r for r in ("class word", "end of text", "concept token") if r in study.roles]
     ncol = 2 + len(roles)
     rows = [(t, i) for t in study.templates if t in study.examples
             for i in range(min(k, len(study.examples[t]["prompts"])))]
+    if not rows:
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no scored example: the segmenter found none of the prompted objects", ha="center")
+        return fig
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.6 * ncol, 1.75 * len(rows)), squeeze=False)
     for r, (t, i) in enumerate(rows):
         ex = study.examples[t]
@@ -89,8 +97,8 @@ def show_token_study(study, k: int = 3, roles: Sequence[str] = ("class word", "e
             axes[r, c].imshow(ex["maps"][role][i].cpu(), cmap="magma", vmin=0, vmax=1)
             axes[r, c].set_axis_off()
             axes[r, c].set_title(f"{role} map", fontsize=8)
-    fig.suptitle("cross-attention heat maps of two prompt tokens (summed over steps, min-max normalised; "
-                 "bright = attended)\nunder each prompt template, same initial noise", fontsize=8)
+    fig.suptitle("attention heat maps of prompt tokens (summed over steps, min-max normalised; concept token: "
+                 "its probability; bright = attended)\nunder each prompt template, same initial noise", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,8 @@
 """Synthesise a grounding dataset from the command line, on one or many processes.
 
-One process (the toy's class splits and oracle labeler come from its defaults provider)::
+One process (the toy's class splits and oracle labeler come from its grounding defaults)::
 
-    python -m diffseg_utils.grounding.synth --backbone toy --defaults diffseg_utils.toy.grounding_defaults \\
+    python -m diffseg_utils.grounding.synth --backbone toy --defaults diffseg_utils.toy.grounding_defaults:TOY \\
         --out results/grounding-data --num-samples 1000 --shard-size 64 --classes seen --labeler oracle
 
 Several (each process writes the shards ``k`` with ``k % num_processes == rank``; the data
@@ -21,7 +21,7 @@ traceback to stderr (the launcher's own summary names the rank too). Rerunning t
 resumes: finished shards are kept. After all processes finish, the main one checks the shards
 and writes ``index.json``.
 
-Labelers: ``grounding`` (a trained module, protocol II) plus those of the defaults provider
+Labelers: ``grounding`` (a trained module, protocol II) plus those of the grounding defaults
 (``--defaults``, else the backbone's ``grounding_defaults``); see :mod:`.defaults`.
 """
 from __future__ import annotations
@@ -51,13 +51,13 @@ def grounding_labeler(args: argparse.Namespace, backbone) -> Labeler:
 
 
 LABELERS: dict[str, Callable[[argparse.Namespace, object], Labeler]] = {"grounding": grounding_labeler}
-"""General labeler name -> factory(args, backbone); a defaults provider's ``LABELERS`` add to these."""
+"""General labeler name -> factory(args, backbone); the grounding defaults' ``labelers`` add to these."""
 
 
 def parse_classes(spec: str, defaults=None) -> list[str]:
-    """A class-set name of the defaults provider (e.g. the toy's ``seen`` / ``unseen`` / ``all``) or a
+    """A class-set name of the grounding defaults (e.g. the toy's ``seen`` / ``unseen`` / ``all``) or a
     comma-separated list of names."""
-    sets = getattr(defaults, "CLASS_SETS", {}) or {}
+    sets = defaults.class_sets if defaults is not None else {}
     if spec in sets:
         return list(sets[spec])
     names = [c.strip() for c in spec.split(",") if c.strip()]
@@ -65,8 +65,8 @@ def parse_classes(spec: str, defaults=None) -> list[str]:
         raise ValueError(f"--classes {spec!r} names no class; use a comma-separated list"
                          + (f" or one of {sorted(sets)}" if sets else ""))
     if len(names) == 1 and not sets and spec in ("seen", "unseen", "all"):
-        raise ValueError(f"--classes {spec} is a class set, but no defaults provider defines class sets; pass "
-                         "--defaults (e.g. diffseg_utils.toy.grounding_defaults) or a comma-separated list")
+        raise ValueError(f"--classes {spec} is a class set, but no grounding defaults define class sets; pass "
+                         "--defaults (e.g. diffseg_utils.toy.grounding_defaults:TOY) or a comma-separated list")
     return names
 
 
@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Synthesise a Grounded Diffusion training set (resumable, multi-process "
                                             "with `accelerate launch`).")
     p.add_argument("--backbone", default="toy", help="registry name, local directory or hub id (default: toy)")
-    p.add_argument("--defaults", default=None, help="module providing class sets, labelers, checkpoint (default: the "
+    p.add_argument("--defaults", default=None, help="GroundingDefaults with class sets, labelers, checkpoint (default: the "
                                                     "backbone's grounding_defaults), e.g. "
-                                                    "diffseg_utils.toy.grounding_defaults")
+                                                    "diffseg_utils.toy.grounding_defaults:TOY")
     p.add_argument("--out", type=Path, required=True, help="output directory (shards, manifest.json, index.json)")
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--shard-size", type=int, default=64)
@@ -86,16 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-step", type=int, default=-1, help="DDIM step whose features are kept (-1 = last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="images per generation call (does not change the data)")
-    p.add_argument("--classes", default="seen", help="a class set of the defaults provider or comma-separated names")
+    p.add_argument("--classes", default="seen", help="a class set of the grounding defaults or comma-separated names")
     p.add_argument("--template", default=None, help="prompt template (default: the backbone's); {} gets 'c1' or "
                                                     "'c1 and a c2'")
     p.add_argument("--two-prob", type=float, default=0.5, help="probability of a two-class prompt")
-    p.add_argument("--labeler", default=None, help="labeler name (default: the defaults provider's DEFAULT_LABELER)")
-    p.add_argument("--oracle", default=None, help="segmenter weights for a defaults provider's labeler (its default "
+    p.add_argument("--labeler", default=None, help="labeler name (default: the defaults' default_labeler)")
+    p.add_argument("--oracle", default=None, help="segmenter weights for the grounding defaults' labeler (its default "
                                                   "otherwise)")
     p.add_argument("--min-score", type=float, default=0.05, help="segmenter score below which a class is 'missed'")
     p.add_argument("--grounding-ckpt", type=Path, default=None,
-                   help="trained grounding module (--labeler grounding; default: the defaults provider's CHECKPOINT)")
+                   help="trained grounding module (--labeler grounding; default: the defaults' checkpoint)")
     p.add_argument("--no-features", action="store_true", help="do not store UNet features (images + masks only)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true")
@@ -109,14 +109,14 @@ def _run(args: argparse.Namespace, state) -> None:
     device = torch.device("cpu") if args.use_cpu else state.device
     backbone = load_backbone(args.backbone, device=device)
     defaults = resolve_defaults(args.defaults, backbone)
-    labelers = {**LABELERS, **(getattr(defaults, "LABELERS", {}) or {})}
-    name = args.labeler or getattr(defaults, "DEFAULT_LABELER", None)
+    labelers = {**LABELERS, **(defaults.labelers if defaults is not None else {})}
+    name = args.labeler or (defaults.default_labeler if defaults is not None else None)
     if name not in labelers:
         raise ValueError(f"--labeler {name!r} is not known; choose from {sorted(labelers)}"
                          + ("" if defaults is not None else " (or pass --defaults for dataset-specific labelers)"))
     args.class_names = parse_classes(args.classes, defaults)
-    if args.grounding_ckpt is None and getattr(defaults, "CHECKPOINT", None) is not None:
-        args.grounding_ckpt = Path(defaults.CHECKPOINT)
+    if args.grounding_ckpt is None and defaults is not None and defaults.checkpoint is not None:
+        args.grounding_ckpt = Path(defaults.checkpoint)
     labeler = labelers[name](args, backbone)
     paths = synthesize(backbone, labeler, args.out, num_samples=args.num_samples, class_names=args.class_names,
                        shard_size=args.shard_size, seed=args.seed, num_steps=args.num_steps, guidance_scale=args.guidance_scale,

@@ -6,7 +6,7 @@ mini-batches of (image, prompted class) pairs: the same loss, many times fewer w
 Shards are read lazily (only each batch's rows), so the feature store may exceed RAM.
 
     python -m diffseg_utils.grounding.train --shards results/grounding/train --out data/grounding \\
-        --defaults diffseg_utils.toy.grounding_defaults
+        --defaults diffseg_utils.toy.grounding_defaults:TOY
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description="Train the grounding module on synthesised shards.")
     p.add_argument("--backbone", default="toy")
-    p.add_argument("--defaults", default=None, help="defaults provider (module config, provenance); default: the "
+    p.add_argument("--defaults", default=None, help="GroundingDefaults (module config, provenance), 'package.module:NAME'; default: the "
                                                     "backbone's grounding_defaults")
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--config", choices=["paper", "defaults"], default="defaults",
-                   help="paper: the paper's sizes; defaults: the defaults provider's module_config() (else paper)")
+                   help="paper: the paper's sizes; defaults: the grounding defaults' module_config() (else paper)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{a.shards} was synthesised with the prompt template {shards.manifest.get('template')!r}, "
                          f"but {a.backbone} prompts with {template!r}: synthesise the data again with the backbone's "
                          "template (python -m diffseg_utils.grounding.synth ...)")
-    make_cfg = getattr(defaults, "module_config", None)
+    make_cfg = defaults.module_config if defaults is not None else None
     cfg = make_cfg() if a.config == "defaults" and make_cfg is not None else GroundingConfig()
     module = GroundingModule.for_backbone(bb, cfg_batch=shards.manifest["guidance"] != 1.0, config=cfg)
     queries = class_embeddings(bb, shards.class_names, module.config.template)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": a.batch_size, "lr": a.lr or module.config.lr, "config": asdict(module.config),
             "template": module.config.template, "seed": a.seed, "class_names": list(shards.class_names),
             "wall_seconds": round(time.time() - t0, 1), "history": hist}
-    prov = getattr(defaults, "provenance", None)
+    prov = defaults.provenance if defaults is not None else None
     if prov is not None:
         meta.update(prov(bb))
     (a.out / "grounding.json").write_text(json.dumps(meta, indent=1))

@@ -1,26 +1,28 @@
 """The toy world's grounding defaults: class splits, the oracle labeler, the module config, protocol II.
 
-A defaults provider for :mod:`diffseg_utils.grounding` (see :mod:`diffseg_utils.grounding.defaults`):
-the general code never imports this module; the CLIs load it from ``--defaults
-diffseg_utils.toy.grounding_defaults`` or the toy backbone's ``grounding_defaults`` attribute,
-and notebooks import it by name.
+Two :class:`~diffseg_utils.grounding.defaults.GroundingDefaults`: :data:`TOY` (the toy SD) and
+:data:`TOY_SD3` (the toy MM-DiT), the same world with each backbone's own trained grounding module.
+The general code never imports this module; the registry entries name them
+(``diffseg_utils.toy.grounding_defaults:TOY``), and the CLIs take them from ``--defaults``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..registry import DATA_DIR, TOY_SD_DIR
+from ..grounding.defaults import GroundingDefaults
+from ..registry import DATA_DIR, TOY_SD3_DIR, TOY_SD_DIR
 from .world import CATEGORIES, SEEN_CATEGORIES, UNSEEN_CATEGORIES, render
 
 CLASS_SETS: dict[str, tuple[str, ...]] = {"seen": SEEN_CATEGORIES, "unseen": UNSEEN_CATEGORIES, "all": CATEGORIES}
 ORACLE_DIR = DATA_DIR / "oracle"
 CHECKPOINT = DATA_DIR / "grounding" / "grounding.pt"
-DEFAULT_LABELER = "oracle"
+CHECKPOINT_SD3 = DATA_DIR / "grounding" / "toy-sd3" / "grounding.pt"
 
 SEGMENTER_SETTINGS = {"quick": dict(steps=600, batch_size=16), "full": dict(steps=1500, batch_size=32)}
 """Protocol II's segmenter training budgets (``fit_segmenter`` keyword arguments)."""
@@ -66,6 +68,12 @@ def provenance(backbone) -> dict:
     """What a module trained on the shipped toy SD records about it: the UNet's training step."""
     state = TOY_SD_DIR / "training_state.json"
     return {"toy_sd_unet_step": json.loads(state.read_text())["unet_step"]} if state.exists() else {}
+
+
+def provenance_sd3(backbone) -> dict:
+    """What a module trained on the shipped toy MM-DiT records about it: the transformer's training step."""
+    state = TOY_SD3_DIR / "training_state.json"
+    return {"toy_sd3_step": json.loads(state.read_text())["step"]} if state.exists() else {}
 
 
 # ------------------------------------------------------------------------ protocol II
@@ -114,3 +122,14 @@ def ground_truth_seen_dataset(num_images: int, seen: Sequence[str] = SEEN_CATEGO
     b = render(split, 0, num_images, categories=tuple(CATEGORIES.index(c) + 1 for c in seen))
     return torch.from_numpy(b.images).permute(0, 3, 1, 2).contiguous(), _to_ours(torch.from_numpy(b.labels),
                                                                                  class_names)
+
+
+TOY = GroundingDefaults(
+    class_sets=CLASS_SETS, segmenter=segmenter, checkpoint=CHECKPOINT, module_config=module_config,
+    labelers=LABELERS, default_labeler="oracle", provenance=provenance, segmenter_settings=SEGMENTER_SETTINGS,
+    segmenter_net=segmenter_net, protocol_two_test_set=protocol_two_test_set,
+    ground_truth_seen_dataset=ground_truth_seen_dataset)
+"""The toy SD's grounding defaults (its module: ``data/grounding/grounding.pt``)."""
+
+TOY_SD3 = replace(TOY, checkpoint=CHECKPOINT_SD3, provenance=provenance_sd3)
+"""The toy MM-DiT's: the same world and settings, its own module (``data/grounding/toy-sd3/grounding.pt``)."""
