@@ -101,8 +101,8 @@ def main() -> None:
     print(f"per-segment loop: {t_loop:.2f} s   batched: {t_batched:.2f} s (includes k-means pass and decoding)")
     print(f"speed-up batched / loop: {t_loop / t_batched:.1f}x  (goal >= 3x)")
     loop_evals = 1 + 2 * len(ids) * (2 + len(ts) - 1)  # each run: [unmod, mod] at t_m, then its steps
-    print(f"UNet evaluations per image: batched {res.unet_evals_per_image:.0f}, loop {loop_evals}, "
-          f"method minimum {res.min_unet_evals_per_image}")
+    print(f"UNet evaluations per image: batched {res.denoiser_evals_per_image:.0f}, loop {loop_evals}, "
+          f"method minimum {res.min_denoiser_evals_per_image}")
     print(f"max |batched - loop| over all modulated images: {worst:.2e}")
     kmeans_report(bb, img, a.segments, res.extra["query_layer"])
     decode_memory_report(bb, img, a.segments, a.steps)

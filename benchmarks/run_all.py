@@ -442,7 +442,7 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
                                      decode_batch_size=dec, progress=False), bb.device,
             profile=profile_all or i == 0, unet=bb.denoiser)
         k_eff = int(torch.unique(res.low_res[0]).numel())
-        evals = res.min_unet_evals_per_image
+        evals = res.min_denoiser_evals_per_image
         ts = res.extra["timesteps"]
 
         r = bb.latent_resolution

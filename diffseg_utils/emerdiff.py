@@ -82,8 +82,8 @@ class EmerDiffResult:
     labels: torch.Tensor | list[torch.Tensor]
     geometry: Geometry
     layer: str
-    unet_evals_per_image: float
-    min_unet_evals_per_image: float
+    denoiser_evals_per_image: float
+    min_denoiser_evals_per_image: float
     seconds_per_image: float
     images_plus: torch.Tensor | None = None    # (N, K, 3, H, W) in [-1, 1]
     images_minus: torch.Tensor | None = None
@@ -528,7 +528,7 @@ def emerdiff_segment(
                                               suffix, up_index, attention_injection, layer_is_4d))
                 evals += 1 + r.shape[0] * len(ts)
         evals += 1  # the t_f pass
-        min_evals += 2 + 2 * len(ids) * len(ts)  # t_f pass, unmodulated reference, 2K runs
+        min_evals += (1 if joint else 2) + 2 * len(ids) * len(ts)  # t_f pass, unmodulated reference (UNets), 2K runs
         # 3. pixel assignment over the image's pixels, reduced as the decoded pairs come (peak memory
         # independent of K); blur and max-normalisation see the image only, never the border
         ds, plus_l, minus_l = [], [], []
@@ -562,7 +562,7 @@ def emerdiff_segment(
     return EmerDiffResult(
         low_res=torch.stack(low_all), pixels=pixels, diffs=torch.stack(diff_all),
         labels=restore_labels(pixels, geo), geometry=geo, layer=m_layer,
-        unet_evals_per_image=evals / n, min_unet_evals_per_image=min_evals / n,
+        denoiser_evals_per_image=evals / n, min_denoiser_evals_per_image=min_evals / n,
         seconds_per_image=secs, images_plus=torch.stack(plus_all) if return_images else None,
         images_minus=torch.stack(minus_all) if return_images else None,
         extra={"timesteps": ts, "query_layer": q_layer, "kmeans_restarts": kmeans_restarts, "fit": fit})

@@ -46,6 +46,8 @@ def test_emerdiff_on_a_joint_layer(sd3_micro):
     res = ds.emerdiff_segment(bb, torch.rand(2, 3, 16, 16), 3, num_steps=3, lam=5.0, progress=False)
     assert res.labels.shape == (2, 16, 16) and res.low_res.shape == (2, 8, 8) and hooks() == 0
     assert res.layer == "transformer_blocks.2.attn" and float(res.diffs.amax()) > 0
+    # no unmodulated reference run on an MM-DiT (nothing to inject): the t_f pass and the 2K runs
+    assert res.denoiser_evals_per_image == res.min_denoiser_evals_per_image
     # lam = 0: every run is plain denoising from z_tm
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ts = _denoise_timesteps(bb, 281, 3)

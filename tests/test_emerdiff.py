@@ -64,7 +64,7 @@ def test_batched_equals_reference_loop_and_lambda_zero(which, finer, request):
     torch.testing.assert_close(ref[0].float(), big.images_minus[0, k], atol=1e-4, rtol=1e-4)
     zero = emerdiff_segment(bb, img, lam=0.0, **kw)
     torch.testing.assert_close(zero.images_plus, zero.images_minus, atol=1e-5, rtol=0)  # up to float rounding
-    assert big.unet_evals_per_image == big.min_unet_evals_per_image
+    assert big.denoiser_evals_per_image == big.min_denoiser_evals_per_image
 
 
 def test_kmeans_and_blur():
