@@ -59,6 +59,7 @@ from .registry import DATA_DIR
 __all__ = ["DATASETS", "DATASET_ALIASES", "DDPMSEG_DATASETS", "DDPMSEG_DOWNLOAD_URL", "DDPMSEG_ENV", "DatasetConfig",
            "FileDataset", "IMAGE_SUFFIXES", "PROCEDURAL_SPLIT_SIZE", "ProceduralDataset", "Sample",
            "SegmentationDataset", "SegmentationSplit", "TOY_FEWSHOT_DIR", "VALIDATION_START", "ignore_small_classes",
+           "MIN_CLASS_FRACTION",
            "list_datasets", "load_dataset", "load_split", "write_split"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -766,10 +767,20 @@ def write_split(root: str | Path, split: str, images: np.ndarray, labels: np.nda
     return d
 
 
-def ignore_small_classes(labels: np.ndarray, min_pixels: int = 20, ignore_index: int = 255) -> np.ndarray:
-    """DDPM-Seg's rule: a class with fewer than ``min_pixels`` pixels in an image becomes ``ignore_index``."""
+MIN_CLASS_FRACTION = 20 / 256 ** 2
+"""DDPM-Seg's small-class rule as a share of the image: the official code ignores a class with fewer than
+20 pixels in a 256² training image (0.03%); at 64² that is 1.25 pixels, at 512² 80."""
+
+
+def ignore_small_classes(labels: np.ndarray, min_fraction: float = MIN_CLASS_FRACTION,
+                         ignore_index: int = 255) -> np.ndarray:
+    """DDPM-Seg's rule, scaled with the image area: a class covering less than ``min_fraction`` of an
+    image's pixels (``H * W * min_fraction``; 20 px at 256²) becomes ``ignore_index`` in that image."""
     out = np.array(labels, copy=True)
+    if not 0 <= min_fraction < 1:
+        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction} (the paper's is 20 / 256**2)")
     for i in range(out.shape[0]):
+        min_pixels = min_fraction * out[i].size
         vals, counts = np.unique(out[i], return_counts=True)
         for v, c in zip(vals, counts):
             if v != ignore_index and c < min_pixels:

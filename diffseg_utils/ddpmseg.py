@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .datasets import ignore_small_classes
+from .datasets import MIN_CLASS_FRACTION, ignore_small_classes
 from .features import FeatureMaps, extract_features
 from .inputs import geometry_of, prepare_labels, restore_labels
 from .pixel_classifier import EnsembleConfig, PixelEnsemble
@@ -39,18 +39,20 @@ class FewShotSegmenter:
 
     blocks / timesteps: what to extract (ints in ``blocks`` are ADM ``output_blocks`` indices);
     ``config`` the ensemble's hyperparameters (default: the paper's, 10 members);
-    ``min_class_pixels``: classes smaller than this in a training image are ignored (paper: 20).
+    ``min_class_fraction``: a class covering less than this share of a training image is ignored there
+    (the paper's 20 pixels at 256², scaled with the area: :data:`~diffseg_utils.datasets.MIN_CLASS_FRACTION`).
     ``backbone`` may be None when every call passes precomputed ``features``.
     """
 
     def __init__(self, backbone: Backbone | None, blocks: Sequence[str | int], timesteps: Sequence[int], num_classes: int,
-                 config: EnsembleConfig | None = None, noise_seed: int = 0, min_class_pixels: int = 20,
+                 config: EnsembleConfig | None = None, noise_seed: int = 0,
+                 min_class_fraction: float = MIN_CLASS_FRACTION,
                  batch_size: int = 8):
         self.backbone, self.blocks, self.timesteps = backbone, list(blocks), list(timesteps)
         self.config = config or EnsembleConfig(num_classes=num_classes)
         if self.config.num_classes != num_classes:
             raise ValueError(f"config.num_classes={self.config.num_classes} but num_classes={num_classes}")
-        self.noise_seed, self.min_class_pixels, self.batch_size = noise_seed, min_class_pixels, batch_size
+        self.noise_seed, self.min_class_fraction, self.batch_size = noise_seed, min_class_fraction, batch_size
         self.ensemble: PixelEnsemble | None = None
 
     def features(self, images) -> FeatureMaps:
@@ -75,7 +77,7 @@ class FewShotSegmenter:
             labels = prepare_labels(labels, geo, size=fm.image_size, ignore_index=self.config.ignore_index).cpu()
         if isinstance(labels, torch.Tensor):
             labels = labels.cpu()  # labels may come from an accelerator (np.asarray cannot read them there)
-        labels = ignore_small_classes(np.asarray(labels), self.min_class_pixels, self.config.ignore_index)
+        labels = ignore_small_classes(np.asarray(labels), self.min_class_fraction, self.config.ignore_index)
         self.ensemble = PixelEnsemble(self.config, fm.channels, fm.device).fit(fm, labels, progress=progress,
                                                                                 max_pixels=max_pixels)
         return self
@@ -106,7 +108,8 @@ class FewShotSegmenter:
 
 def fewshot_miou(train_features: FeatureMaps, train_labels, test_features: FeatureMaps, test_labels, *,
                  num_classes: int, seed: int = 0, ignore_index: int = 255, max_pixels: int | None = None,
-                 min_class_pixels: int = 20, convention: str = "ddpmseg") -> tuple[float, SegmentationResult]:
+                 min_class_fraction: float = MIN_CLASS_FRACTION,
+                 convention: str = "ddpmseg") -> tuple[float, SegmentationResult]:
     """Fit a 10-member DDPM-Seg ensemble on precomputed features and score it on test features.
 
     Features: :class:`FeatureMaps` of the train / test images (any blocks and timesteps, used as
@@ -122,7 +125,7 @@ def fewshot_miou(train_features: FeatureMaps, train_labels, test_features: Featu
 
     cfg = EnsembleConfig(num_classes=num_classes, seed=seed, ignore_index=ignore_index)
     seg = FewShotSegmenter(None, train_features.blocks, train_features.timesteps, num_classes, config=cfg,
-                           min_class_pixels=min_class_pixels)
+                           min_class_fraction=min_class_fraction)
     seg.fit(None, train_labels, features=train_features, max_pixels=max_pixels, progress=False)
     res = seg.predict(features=test_features)
     gt = torch.as_tensor(np.asarray(test_labels))

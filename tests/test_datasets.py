@@ -34,14 +34,26 @@ def test_loader_errors(tmp_path):
         load_split(tmp_path, "test")
 
 
-def test_small_class_rule():
+def test_small_class_rule_scales_with_the_image_area():
+    """The official 20 pixels at 256², the same share at any size: 1.25 px at 64² (so a 1-px class goes, a
+    2-px one stays; the unscaled rule dropped the toy faces' noses, median 14 px)."""
+    big = np.zeros((1, 256, 256), np.int64)
+    big[0, 0, :19] = 3   # 19 px < 20
+    big[0, 1, :20] = 4   # 20 px
+    out = ignore_small_classes(big)
+    assert (out[0, 0, :19] == 255).all() and (out[0, 1, :20] == 4).all()
+    small = np.zeros((1, 64, 64), np.int64)
+    small[0, 0, 0] = 3        # 1 px < 1.25
+    small[0, 1, :2] = 4       # 2 px
+    small[0, 2, :14] = 5      # a 14-px nose
+    out = ignore_small_classes(small)
+    assert out[0, 0, 0] == 255 and (out[0, 1, :2] == 4).all() and (out[0, 2, :14] == 5).all()
     lab = np.zeros((1, 10, 10), np.int64)
-    lab[0, :2, :5] = 3  # 10 pixels < 20
-    lab[0, 5:, :] = 4   # 50 pixels
-    out = ignore_small_classes(lab)
-    assert (out[0, :2, :5] == 255).all() and (out[0, 5:] == 4).all()
-    out0 = ignore_small_classes(lab, ignore_index=0)  # Bedroom-28's ignore label
-    assert (out0[0, :2, :5] == 0).all() and (out0[0, 5:] == 4).all()
+    lab[0, :2, :5] = 3  # 10 % of the image
+    out0 = ignore_small_classes(lab, min_fraction=0.2, ignore_index=0)  # Bedroom-28's ignore label
+    assert (out0[0, :2, :5] == 0).all()
+    with pytest.raises(ValueError, match="min_fraction"):
+        ignore_small_classes(lab, min_fraction=20)
 
 
 # ---------------------------------------------------------------------------------------------- DDPM-Seg configs
@@ -329,7 +341,7 @@ def test_a_portrait_labelled_folder_runs_through_fewshot(tmp_path, sd_tiny):
     assert (border == fd.ignore_index).all() and (fd.train.labels[:, 32, 32] > 0).all()
     seg = ds.FewShotSegmenter(sd_tiny, ["up_blocks.1"], [50], fd.num_classes,
                               config=EnsembleConfig(num_classes=fd.num_classes, num_members=2, max_steps=20),
-                              min_class_pixels=1).fit(fd.train.images, fd.train.labels, progress=False)
+                              min_class_fraction=0).fit(fd.train.images, fd.train.labels, progress=False)
     res = seg.predict([np.asarray(Image.open(tmp_path / "test" / "images" / f"{i}.jpg")) for i in range(3)])
     assert [tuple(lab.shape) for lab in res.labels] == [(24, 18)] * 3 if isinstance(res.labels, list) else \
         tuple(res.labels.shape) == (3, 24, 18)

@@ -16,7 +16,7 @@ def test_fewshot_segmenter_returns_labels_at_a_non_square_input_size(ddpm_tiny):
     labels[:, :, w // 2:] = 1  # left half 0, right half 1
     blocks = [n for n in ddpm_tiny.blocks() if n.startswith("up_blocks")][:1]
     seg = FewShotSegmenter(ddpm_tiny, blocks, [10], 2, config=EnsembleConfig(num_classes=2, num_members=2, max_steps=30),
-                           min_class_pixels=1)
+                           min_class_fraction=0)
     seg.fit(imgs, labels, progress=False)
     res = seg.predict(imgs)
     assert res.labels.shape == (2, h, w) and res.uncertainty.shape == (2, h, w)

@@ -23,7 +23,7 @@ def test_fewshot_segmenter_on_transformer_features(sd3_micro):
 
     cfg = EnsembleConfig(num_classes=2, num_members=2, max_steps=40)
     seg = ds.FewShotSegmenter(sd3_micro, ["transformer_blocks.1", "transformer_blocks.2"], [100, 400], 2, config=cfg,
-                              min_class_pixels=1).fit(x[:3], y[:3])
+                              min_class_fraction=0).fit(x[:3], y[:3])
     res = seg.predict(x[3:])
     assert res.labels.shape == (1, 32, 32) and res.labels.dtype == torch.long
 
