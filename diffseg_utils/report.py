@@ -91,8 +91,8 @@ def run_name(backbone: str | None, dataset: str | None) -> str:
 
 
 def check_expected(notebook: str, run: str, values: dict[str, float], *, params: dict | None = None,
-                   tol: float = 0.002, why: str = "", path: str | Path | None = None,
-                   strict: bool = True) -> dict[str, bool]:
+                   tol: float | dict[str, float] | None = None, why: str | dict[str, str] = "",
+                   path: str | Path | None = None, strict: bool = True) -> dict[str, bool]:
     """Compare a notebook's computed numbers with the committed expected ones; print one line each.
 
     ``path`` (default :data:`EXPECTED_FILE`) holds ``{notebook: {run: [{"params": {...}, "values":
@@ -102,18 +102,25 @@ def check_expected(notebook: str, run: str, values: dict[str, float], *, params:
     setting) says so and checks nothing. ``strict`` raises ``AssertionError`` on any mismatch, so a
     headless run fails loudly.
 
-    With the environment variable ``DIFFSEG_RECORD_EXPECTED=1`` the numbers are *recorded* instead
-    (tolerance ``tol``, reason ``why``): how the committed values are made, from a reviewed run. The
-    printed lines are those a rerun reproducing the numbers prints, so a notebook executed once in
-    record mode carries the output nbval compares later runs with.
+    ``tol`` / ``why``: one tolerance and reason for every number, or a dict per name. The notebook is
+    their one source: with the environment variable ``DIFFSEG_RECORD_EXPECTED=1`` the numbers are
+    *recorded* with them (how the committed values are made, from a reviewed run), and a check whose
+    ``tol`` differs from the recorded one fails ("record again"), so the two cannot drift apart
+    (``tol=None`` checks with the recorded tolerances). The lines record mode prints are those a
+    rerun reproducing the numbers prints, so a notebook executed once in record mode carries the
+    output nbval compares later runs with.
     """
     f = Path(path or EXPECTED_FILE)
     norm = lambda d: json.loads(json.dumps(d, sort_keys=True, default=str))  # noqa: E731
+    per = lambda x, k: x.get(k) if isinstance(x, dict) else x  # noqa: E731
     if os.environ.get("DIFFSEG_RECORD_EXPECTED") == "1":
         import fcntl
 
-        new = {"params": norm(params), "values": {k: {"value": float(v), "tol": tol, "why": why}
-                                                  for k, v in values.items()}}
+        missing = [k for k in values if per(tol, k) is None]
+        if missing:
+            raise ValueError(f"record mode needs a tolerance for {missing}: pass tol= (a number or a dict per name)")
+        new = {"params": norm(params), "values": {k: {"value": float(v), "tol": float(per(tol, k)),
+                                                      "why": per(why, k) or ""} for k, v in values.items()}}
         with open(f.with_suffix(".lock"), "w") as lock:  # several notebooks may record at once
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = json.loads(f.read_text()) if f.exists() else {}
@@ -137,6 +144,13 @@ def check_expected(notebook: str, run: str, values: dict[str, float], *, params:
         exp = table[name]
         if name not in values:
             bad.append(f"{name}: not computed in this run")
+            ok[name] = False
+            continue
+        asked = per(tol, name)
+        if asked is not None and float(asked) != float(exp["tol"]):
+            bad.append(f"{name}: the notebook's tolerance {asked} is not the recorded {exp['tol']}; record the "
+                       "numbers again (DIFFSEG_RECORD_EXPECTED=1) so expected.json and the notebook agree")
+            print(bad[-1])
             ok[name] = False
             continue
         diff = abs(float(values[name]) - float(exp["value"]))

@@ -99,10 +99,17 @@ def test_check_expected_records_checks_and_refuses(tmp_path, monkeypatch, capsys
     assert check_expected("nb", "toy", {"a": 0.9}, params={"N": 5}, path=f) == {}
     # a second parameter set is kept beside the first
     monkeypatch.setenv("DIFFSEG_RECORD_EXPECTED", "1")
-    check_expected("nb", "toy", {"a": 0.7}, params={"N": 5}, path=f)
+    check_expected("nb", "toy", {"a": 0.7}, params={"N": 5}, tol=0.01, path=f)
     monkeypatch.delenv("DIFFSEG_RECORD_EXPECTED")
     assert len(json.loads(f.read_text())["nb"]["toy"]) == 2
     assert check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, path=f)["a"]
+    # one source of tolerances: the notebook's tol must be the recorded one (per name when a dict)
+    assert all(check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, tol=0.01, path=f).values())
+    with pytest.raises(AssertionError, match="a: the notebook's tolerance 0.05 is not the recorded 0.01"):
+        check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, tol={"a": 0.05, "b": 0.01}, path=f)
+    monkeypatch.setenv("DIFFSEG_RECORD_EXPECTED", "1")
+    with pytest.raises(ValueError, match="needs a tolerance"):
+        check_expected("nb", "toy", {"a": 0.5, "b": 0.25}, params=params, tol={"a": 0.05}, path=f)
 
 
 def test_run_name():
