@@ -17,7 +17,7 @@
   (ConceptAttention and joint cross-attention during any denoiser calls);
 * Grounded Diffusion and its cross-attention baseline: see :mod:`diffseg_utils.grounding` and
   :func:`daam_segment`;
-* metrics: :func:`mean_iou`, :func:`ddpmseg_miou`, :func:`hungarian_miou`.
+* metrics: :func:`mean_iou`, :func:`ddpmseg_miou`, :func:`hungarian_miou`, :func:`paired_difference`.
 """
 from .attention_maps import daam_segment
 from .backbones import Backbone, BlockInfo, Conditioning, adm_blocks, adm_output_block
@@ -31,18 +31,18 @@ from .grounding.ground import GroundingResult, ground
 from .joint_attention import JointAttentionMaps, JointMapsResult, concept_attention
 from .inputs import Geometry, ImageLike, geometry_of, prepare_images, prepare_labels, restore_labels
 from .loading import WeightsNotAvailableError, load_backbone, untrained_like
-from .metrics import ddpmseg_miou, hungarian_miou, mean_iou
+from .metrics import PairedDifference, ddpmseg_miou, hungarian_miou, mean_iou, paired_difference
 from .probes import ProbeTable, probe_features, probe_grid, rgb_features
 from .registry import list_backbones
 from .selection import PlaceChoice, choose_places, decoder_blocks
 
 __all__ = [
     "Backbone", "BlockInfo", "Conditioning", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
-    "Geometry", "GroundingResult", "ImageLike", "JointAttentionMaps", "JointMapsResult", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
+    "Geometry", "GroundingResult", "ImageLike", "JointAttentionMaps", "JointMapsResult", "PairedDifference", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
     "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
     "choose_places", "concept_attention", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",
     "fewshot_miou", "fewshot_splits", "geometry_of", "ground", "hungarian_miou", "list_backbones", "list_datasets",
-    "load_backbone", "load_dataset", "mean_iou", "prepare_images", "prepare_labels", "probe_features", "probe_grid",
+    "load_backbone", "load_dataset", "mean_iou", "paired_difference", "prepare_images", "prepare_labels", "probe_features", "probe_grid",
     "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",
 ]
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ first attention layer of the chosen level as the modulated layer (the paper foun
 16x16 layers similar). The 2K modulated images are decoded ``decode_batch_size`` at a time and
 reduced to difference maps on the fly.
 ``modulate_layer`` may sit at a finer up level than the k-means layer (the segments are then
-nearest-resized to it); :func:`choose_emerdiff_settings` picks lam and that layer on validation
+nearest-resized to it); :func:`choose_emerdiff_settings` picks lam, that layer and t_m on validation
 images (notebook 03).
 
 **Non-square images** are letterboxed by default (``fit="pad"``, :mod:`diffseg_utils.inputs`): the
@@ -48,7 +48,7 @@ from .backbones import Backbone
 from .hooks import AttentionProcessors
 from .inputs import Geometry, ImageGeometry, restore_labels
 
-__all__ = ["EmerDiffResult", "choose_emerdiff_settings", "emerdiff_segment", "gaussian_blur", "kmeans",
+__all__ = ["EmerDiffResult", "choose_emerdiff_settings", "emerdiff_segment", "gaussian_blur", "hungarian_mious", "kmeans",
            "kmeans_upsampled_features", "mean_hungarian_miou", "upsample_segments"]
 
 
@@ -579,9 +579,9 @@ def upsample_segments(low_res: torch.Tensor, size: tuple[int, int], mode: str = 
 
 
 # ------------------------------------------------------------------ scoring, baselines, the validation choice
-def mean_hungarian_miou(preds, gts, ignore_index: int | None = 255) -> float:
-    """Mean over images of :func:`~diffseg_utils.metrics.hungarian_miou` (segments matched one-to-one
-    to ground-truth classes per image), the lenient protocol for unlabelled segments.
+def hungarian_mious(preds, gts, ignore_index: int | None = 255) -> np.ndarray:
+    """Per-image :func:`~diffseg_utils.metrics.hungarian_miou` (segments matched one-to-one to ground-truth
+    classes per image), the lenient protocol for unlabelled segments: ``(N,)`` float64 on the host.
 
     preds: (N, H, W) integer segment ids or a list of (H_i, W_i) maps (e.g. ``EmerDiffResult.labels``);
     gts: the ground truth, each map at its prediction's size (numpy or torch). Raises ValueError when a
@@ -600,7 +600,12 @@ def mean_hungarian_miou(preds, gts, ignore_index: int | None = 255) -> float:
             raise ValueError(f"image {i}: prediction {p.shape} and ground truth {g.shape} differ in size; score "
                              "predictions at the ground truth's size (EmerDiffResult.labels, restore_labels)")
         scores.append(hungarian_miou(p, g, ignore_index))
-    return float(np.mean(scores))
+    return np.asarray(scores)
+
+
+def mean_hungarian_miou(preds, gts, ignore_index: int | None = 255) -> float:
+    """Mean over images of :func:`hungarian_mious`."""
+    return float(np.mean(hungarian_mious(preds, gts, ignore_index)))
 
 
 @torch.no_grad()
@@ -654,39 +659,49 @@ def _resolve_layer(backbone: Backbone, name: str, query_layer: str | None) -> st
 
 def choose_emerdiff_settings(backbone: Backbone, images, labels, num_segments: int = 10, *,
                              lams: Sequence[float] = (10.0,), layers: Sequence[str] = ("query",),
-                             ignore_index: int | None = 255, progress: bool = True,
-                             **settings) -> tuple[dict, dict[tuple[str, float], float]]:
-    """Choose EmerDiff's modulation strength ``lam`` and modulated layer on labelled validation images.
+                             t_ms: Sequence[int] = (281,), ignore_index: int | None = 255, progress: bool = True,
+                             **settings) -> tuple[dict, dict[tuple[str, float, int], float]]:
+    """Choose EmerDiff's modulation strength ``lam``, modulated layer and modulation timestep ``t_m`` on
+    labelled validation images.
 
-    Runs :func:`emerdiff_segment` once per (layer, lam) with ``settings`` (any of its other keyword
-    arguments: t_f, t_m, num_steps, seed, fit, ...) and scores ``.labels`` against ``labels``
-    with :func:`mean_hungarian_miou`.
+    Runs :func:`emerdiff_segment` once per (layer, lam) at ``t_ms[0]``, then with the best of those once per
+    further ``t_ms`` (a coordinate-wise search: the paper fixes 281 and finds 281-481 best), with ``settings``
+    (any of its other keyword arguments: t_f, num_steps, seed, fit, ...), and scores ``.labels`` against
+    ``labels`` with :func:`mean_hungarian_miou`.
 
     images / labels: validation images and their ground-truth maps, each at its image's own size.
     layers: attention layer paths, or ``"query"`` (the k-means layer, the paper's choice) and
     ``"finer"`` (the first layer of the next finer up level; skipped when there is none).
 
-    Returns ``(best, table)``: ``best`` = ``{"lam": float, "modulate_layer": path}``, ready to pass on
-    with ``**best``; ``table[(layer name as given, lam)]`` = mean Hungarian mIoU. Ties go to the
-    earlier (layer, lam) in the order given.
+    Returns ``(best, table)``: ``best`` = ``{"lam": float, "modulate_layer": path, "t_m": int}``, ready to pass
+    on with ``**best``; ``table[(layer name as given, lam, t_m)]`` = mean Hungarian mIoU. Ties go to the
+    earlier entry in the order given.
     """
-    taken = sorted({"lam", "modulate_layer", "progress", "return_images"} & set(settings))
+    taken = sorted({"lam", "modulate_layer", "t_m", "progress", "return_images"} & set(settings))
     if taken:
-        raise ValueError(f"{taken} are chosen or set by choose_emerdiff_settings itself; pass lams= / layers=")
-    if not lams or not layers:
-        raise ValueError("give at least one candidate in lams= and one in layers=")
+        raise ValueError(f"{taken} are chosen or set by choose_emerdiff_settings itself; pass lams= / layers= / t_ms=")
+    if not lams or not layers or not t_ms:
+        raise ValueError("give at least one candidate in lams=, layers= and t_ms=")
     resolved = {name: _resolve_layer(backbone, name, settings.get("query_layer")) for name in layers}
     resolved = {k: v for k, v in resolved.items() if v is not None}
     if not resolved:
         raise ValueError(f"none of the layers {list(layers)} exists in this UNet; use 'query' or a layer path")
-    table: dict[tuple[str, float], float] = {}
-    bar = tqdm(total=len(resolved) * len(lams), desc="validation: lam x layer", disable=not progress, leave=False)
-    for name, path in resolved.items():
-        for lam in lams:
-            r = emerdiff_segment(backbone, images, num_segments, lam=float(lam), modulate_layer=path, progress=False,
-                                 **settings)
-            table[(name, float(lam))] = mean_hungarian_miou(r.labels, labels, ignore_index)
-            bar.update()
+    table: dict[tuple[str, float, int], float] = {}
+    runs = [(name, float(lam), int(t_ms[0])) for name in resolved for lam in lams]
+    bar = tqdm(total=len(runs) + len(t_ms) - 1, desc="validation: lam x layer, then t_m", disable=not progress,
+               leave=False)
+
+    def score(name: str, lam: float, t_m: int) -> None:
+        r = emerdiff_segment(backbone, images, num_segments, lam=lam, modulate_layer=resolved[name], t_m=t_m,
+                             progress=False, **settings)
+        table[(name, lam, t_m)] = mean_hungarian_miou(r.labels, labels, ignore_index)
+        bar.update()
+
+    for run in runs:
+        score(*run)
+    name, lam, _ = max(table, key=table.get)  # the first maximum in insertion order
+    for t_m in t_ms[1:]:
+        score(name, lam, int(t_m))
     bar.close()
-    best = max(table, key=table.get)  # the first maximum in insertion order
-    return {"lam": best[1], "modulate_layer": resolved[best[0]]}, table
+    best = max(table, key=table.get)
+    return {"lam": best[1], "modulate_layer": resolved[best[0]], "t_m": best[2]}, table

@@ -13,11 +13,14 @@ per-image scores). Two conventions differ in which classes enter the mean:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 __all__ = ["ABSENT_MODES", "confusion_matrix", "ddpmseg_miou", "foreground_breakdown", "hungarian_match",
-           "hungarian_miou", "iou_per_class", "mean_iou", "miou_from_confusion", "pixel_accuracy", "psnr"]
+           "hungarian_miou", "iou_per_class", "mean_iou", "miou_from_confusion", "paired_difference", "PairedDifference",
+           "pixel_accuracy", "psnr"]
 
 
 def confusion_matrix(pred, gt, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
@@ -201,6 +204,38 @@ def hungarian_miou(pred, gt, ignore_index: int | None = 255) -> float:
         a, b = remapped[keep] == g, gt[keep] == g
         ious.append((a & b).sum() / max((a | b).sum(), 1))
     return float(np.mean(ious))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Per-item differences ``a - b`` of two methods scored on the same items: mean, standard deviation,
+    a percentile-bootstrap 95% interval of the mean, and on how many items ``a`` is ahead / behind."""
+
+    mean: float
+    std: float
+    lo: float
+    hi: float
+    wins: int
+    losses: int
+    n: int
+
+    def __str__(self) -> str:
+        return (f"{self.mean:+.3f} (std {self.std:.3f}; 95% bootstrap interval [{self.lo:+.3f}, {self.hi:+.3f}]; "
+                f"ahead on {self.wins}, behind on {self.losses} of {self.n})")
+
+
+def paired_difference(a, b, *, n_boot: int = 10_000, seed: int = 0) -> PairedDifference:
+    """Paired comparison of per-item scores ``a`` and ``b`` (same items, same order; host arrays): the mean
+    difference with a percentile bootstrap over items (``n_boot`` resamples, ``seed``)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"need two 1-D score arrays of one length >= 1, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return PairedDifference(float(d.mean()), float(d.std()), float(lo), float(hi), int((d > 0).sum()),
+                            int((d < 0).sum()), len(d))
 
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:

@@ -369,11 +369,14 @@ def test_choose_emerdiff_settings_picks_the_setting_that_matches(sd_tiny):
     best, table = choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lams=(0.0, 10.0), layers=("query", "finer"),
                                            progress=False, **kw)
     q, f = low_res_query_layer(sd_tiny).path, finer_up_layer(sd_tiny).path
-    assert list(table) == [("query", 0.0), ("query", 10.0), ("finer", 0.0), ("finer", 10.0)]
-    assert best == {"lam": 10.0, "modulate_layer": q} and table[("query", 10.0)] == 1.0
-    assert table[("query", 0.0)] < 1.0
+    assert list(table) == [("query", 0.0, 281), ("query", 10.0, 281), ("finer", 0.0, 281), ("finer", 10.0, 281)]
+    assert best == {"lam": 10.0, "modulate_layer": q, "t_m": 281} and table[("query", 10.0, 281)] == 1.0
+    assert table[("query", 0.0, 281)] < 1.0
     res = emerdiff_segment(sd_tiny, imgs, 3, lam=0.0, modulate_layer=f, progress=False, **kw)
-    assert table[("finer", 0.0)] == mean_hungarian_miou(res.labels, truth)
+    assert table[("finer", 0.0, 281)] == mean_hungarian_miou(res.labels, truth)
+    # t_m: tried with the best (layer, lam) only; the truth was made at 281, so 281 stays
+    best, table = choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lams=(10.0,), t_ms=(281, 601), progress=False, **kw)
+    assert list(table) == [("query", 10.0, 281), ("query", 10.0, 601)] and best["t_m"] == 281
     with pytest.raises(ValueError, match="chosen or set by choose_emerdiff_settings"):
         choose_emerdiff_settings(sd_tiny, imgs, truth, 3, lam=5.0)
 

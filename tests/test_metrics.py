@@ -114,3 +114,20 @@ def test_foreground_breakdown_separates_finding_from_naming():
     assert perfect == {"fg_iou": 1.0, "class_acc_on_fg": 1.0}
     with pytest.raises(ValueError, match="same number of pixels"):
         foreground_breakdown(pred[:1], gt)
+
+
+def test_paired_difference_against_a_plain_computation():
+    import numpy as np
+
+    from diffseg_utils.metrics import paired_difference
+
+    a, b = np.array([0.5, 0.6, 0.7, 0.4]), np.array([0.4, 0.6, 0.5, 0.5])
+    d = paired_difference(a, b, n_boot=2000, seed=1)
+    assert abs(d.mean - 0.05) < 1e-12 and abs(d.std - np.std(a - b)) < 1e-12
+    assert (d.wins, d.losses, d.n) == (2, 1, 4) and d.lo <= d.mean <= d.hi
+    assert -0.1 <= d.lo and d.hi <= 0.2 + 1e-12          # within the range of the per-item differences
+    assert paired_difference(a, a).lo == paired_difference(a, a).hi == 0.0
+    import pytest
+
+    with pytest.raises(ValueError, match="1-D score arrays"):
+        paired_difference(a, b[:3])

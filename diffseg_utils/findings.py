@@ -1,13 +1,13 @@
-"""Notebook 04's findings, written from a run's own numbers (so a run on another backbone says what *it* found).
+"""The notebooks' findings, written from a run's own numbers (so a run on another backbone says what *it* found).
 
 Each function returns Markdown; the notebook displays it. Numbers are the run's; comparison words
 ("beats", "below the floor") are decided from them. Paper figures are quoted as such.
 """
 from __future__ import annotations
 
-from .plots import METHOD_LABELS
+from .grounding.plots import METHOD_LABELS
 
-__all__ = ["token_study_findings", "protocol_findings"]
+__all__ = ["emerdiff_findings", "token_study_findings", "protocol_findings"]
 
 
 def _cmp(a: float, b: float, margin: float = 0.02) -> str:
@@ -66,4 +66,30 @@ def protocol_findings(table: dict, rows: dict | None = None) -> str:
                    f"{syn['seen']:.3f} seen / {syn['unseen']:.3f} unseen (harmonic {syn['harmonic']:.3f}; the paper: "
                    f"74.4 on real VOC), {ratio:.2f}× the {ref['seen']:.3f} that the same segmenter reaches on seen "
                    "classes when trained on labelled images of those classes (0 on unseen ones by construction).")
+    return " ".join(out)
+
+
+def emerdiff_findings(results: dict[str, float], best: dict, ablation: dict[str, float] | None = None,
+                      paired=None) -> str:
+    """Notebook 03: the validation choice (``best`` from ``choose_emerdiff_settings``), the test scores
+    (``results``: method name -> mean Hungarian mIoU), the validation ablations and the paired EmerDiff −
+    bilinear difference (a :class:`~diffseg_utils.metrics.PairedDifference`), in words."""
+    e, b = results["EmerDiff"], results["bilinear upsampling"]
+    out = [f"**This run**: the validation images chose λ = {best['lam']:g}, the modulated layer "
+           f"`{best['modulate_layer'] or 'the k-means layer'}` and t_m = {best['t_m']} (paper: λ = 10, the k-means "
+           f"layer, 281). On the test images EmerDiff scores {e:.3f}, {_cmp(e, b, 0.005)} the {b:.3f} of bilinear "
+           f"upsampling of its own segments ({e - b:+.3f}), and k-means on upsampled features scores "
+           f"{results['k-means on upsampled features']:.3f}."]
+    if paired is not None:
+        sure = paired.lo > 0 or paired.hi < 0
+        out.append(f"Paired over the {paired.n} test images the difference is {paired}: "
+                   + ("its 95% interval excludes zero." if sure else "its 95% interval includes zero, so this run "
+                      "cannot tell the two apart."))
+    p = results.get("EmerDiff, paper settings")
+    if p is not None:
+        out.append(f"With the paper's settings EmerDiff scores {p:.3f} ({_cmp(p, b, 0.005)} bilinear upsampling).")
+    if ablation and "no attention injection" in ablation:
+        chosen = next(v for k, v in ablation.items() if k.endswith("(chosen)"))
+        d = ablation["no attention injection"] - chosen
+        out.append(f"Without attention injection the validation score moves by {d:+.3f}.")
     return " ".join(out)
