@@ -27,11 +27,20 @@ def to_uint8(img) -> np.ndarray:
     return img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
+CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#882255", "#999933",
+                 "#DDDDDD", "#44AA99", "#AA4499")
+"""Labels 1-12: Okabe & Ito's colour-blind-safe eight (less black), then Paul Tol's wine, olive, pale grey, teal
+and purple: hues a reader can tell apart, also with the common colour-vision deficiencies."""
+
+
 def label_palette(n: int = 256, seed: int = 3) -> np.ndarray:
-    """A fixed colour per label id; 0 is black, 255 (ignore) is white."""
+    """A fixed colour per label id: 0 is black, 1-12 :data:`CLASS_COLOURS`, higher ids seeded random colours,
+    255 (ignore) white."""
     rng = np.random.default_rng(seed)
     pal = (rng.uniform(0.25, 1.0, size=(n, 3)) * 255).astype(np.uint8)
     pal[0] = 0
+    fixed = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in CLASS_COLOURS], dtype=np.uint8)
+    pal[1:1 + min(len(fixed), n - 1)] = fixed[:n - 1]
     if n > 255:
         pal[255] = 255
     return pal
@@ -171,9 +180,12 @@ def show_features(features, images, labels, block: str, t: int, idx: int = 0, *,
     axes[2].set_axis_off()
     axes[2].set_title(f"PCA of {block}\nt={t}", fontsize=7)
     km = KMeans(k, n_init=3, random_state=seed).fit_predict(up.reshape(up.shape[0], -1).T.cpu().numpy())
-    show_labels(km.reshape(features.image_size) + 1, axes[3], title=f"k-means ({k}) on the features")
+    # clusters are not classes: grey levels of their own, so no cluster borrows a class's colour
+    axes[3].imshow(km.reshape(features.image_size), cmap="gray", vmin=0, vmax=k - 1, interpolation="nearest")
+    axes[3].set_axis_off()
+    axes[3].set_title(f"k-means ({k}) on the features\n(cluster ids in grey, not classes)", fontsize=7)
     if class_names is not None:  # beside the last panel, where it covers nothing
-        label_legend(axes[3], class_names, labels[idx], title="ground-truth classes")
+        label_legend(axes[3], class_names, labels[idx], title="ground truth (2nd panel)")
     return axes
 
 

@@ -64,7 +64,7 @@ def show_protocol_one(result, unseen: Sequence[str], k: int = 4):
         used[cid] = True
         show_image(img, axes[0, j], title=_star(c, unseen))
         for r, (key, label) in enumerate(rows, 1):
-            show_labels(ex[key][i][w].long() * cid, axes[r, j], image=img, title=label)
+            show_labels(ex[key][i][w].long() * cid, axes[r, j], title=label)   # beside the image, not over it
     label_legend(axes[1, -1], names, torch.nonzero(used).flatten(), unseen=unseen)
     fig.suptitle("each column: one prompted class in one generated image; a good method's mask (rows 3 on) "
                  "matches the segmenter's (row 2)", fontsize=8)
