@@ -146,6 +146,8 @@ def ground(
 def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, seed: int = 0,
                     unseen: Sequence[str] = (), num_steps: int = 20, guidance_scale: float = 5.0, max_seed: int = 99):
     """Generate ``template.format(name)`` and show its grounded mask; a text box and a seed slider redraw it.
+    On an MM-DiT a third panel shows the name's ConceptAttention map on the same image (concepts: the name
+    and "background"; the image noised to t = 500, one forward).
 
     Draws the figure once, as an ordinary output (so a static render of the notebook shows it),
     then shows the controls; each change replaces that figure in place. Names in ``unseen`` get a
@@ -155,20 +157,27 @@ def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, s
     import matplotlib.pyplot as plt
     from IPython.display import display
 
+    from ..joint_attention import concept_attention, has_joint_blocks
     from ..viz import label_legend, show_image, show_labels
     from .prompts import prompt_template
 
     tpl = prompt_template(backbone)
+    joint = has_joint_blocks(backbone)
 
     def figure(text: str, s: int):
         text = text.strip() or name
         res = ground(backbone, module, tpl.format(text), [text], num_steps=num_steps, guidance_scale=guidance_scale, seed=s)
         star = "*" if text in unseen else ""
-        fig, axes = plt.subplots(1, 2, figsize=(4.6, 2.3))
+        fig, axes = plt.subplots(1, 3 if joint else 2, figsize=(6.9 if joint else 4.6, 2.3))
         show_image(res.images[0], axes[0], title=f'"{tpl.format(text)}"\nseed {s}')
-        show_labels(res.labels[0].cpu(), axes[1], image=res.images[0],
+        show_labels(res.labels[0].cpu(), axes[1],
                     title=f"grounded '{text}{star}': {res.masks[0, 0].float().mean():.0%} of pixels")
-        label_legend(axes[1], ["background", text], unseen=[text] if star else ())
+        if joint:
+            ca = concept_attention(backbone, (res.images[:1].float() + 1) / 2, [text, "background"], seed=s)
+            axes[2].imshow(ca.maps[0, 0].cpu(), cmap="magma", vmin=0, vmax=1)
+            axes[2].set_axis_off()
+            axes[2].set_title(f"ConceptAttention '{text}'\nvs background (bright = '{text}')", fontsize=8)
+        label_legend(axes[-1], ["background", text], unseen=[text] if star else ())
         fig.tight_layout()
         plt.close(fig)
         return fig
