@@ -166,3 +166,40 @@ def test_a_self_check_fails_when_a_number_moves(nb, run, i, entry, capsys):
         with pytest.raises(AssertionError, match=name):
             check_expected(nb, run, moved, params=entry["params"])
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------- numbers in prose come from the run
+PAPER_FIGURES = {"59.1", "58.8", "49.4", "45.0", "33.1", "29.1", "30.5", "27.6", "74.4", "44.3", "71.0", "64.6", "47.6"}
+"""Figures quoted from the papers (DDPM-Seg Table 2, EmerDiff, Grounded Diffusion, ConceptAttention): allowed in
+markdown. Version numbers of model names ("Stable Diffusion 1.5") are allowed too."""
+MODEL_VERSIONS = {"1.5", "2.1", "3.5"}
+_DECIMAL = __import__("re").compile(r"(?<![\w.])(\d{1,2}\.\d{1,4})(?![\d.])")
+
+
+def stray_numbers(nb: dict) -> list[str]:
+    """Decimal numbers in a notebook's markdown that are neither paper figures nor in its code or outputs."""
+    text = ""
+    for c in nb["cells"]:
+        if c["cell_type"] == "code":
+            text += "".join(c["source"])
+            for o in c.get("outputs", []):
+                data = o.get("data", {})
+                text += "".join(o.get("text", "")) + "".join(data.get("text/plain", "")) + "".join(data.get("text/markdown", ""))
+    found = [m.group(1) for c in nb["cells"] if c["cell_type"] == "markdown"
+             for m in _DECIMAL.finditer("".join(c["source"]))]
+    return [n for n in found if n not in PAPER_FIGURES | MODEL_VERSIONS and n not in text]
+
+
+def test_a_stray_number_in_markdown_is_caught():
+    nb = {"cells": [{"cell_type": "markdown", "source": ["the module reaches 0.62 (paper: 74.4) on SD 1.5"]},
+                    {"cell_type": "code", "source": ["x = 1"], "outputs": [{"text": ["0.615\n"]}]}]}
+    assert stray_numbers(nb) == ["0.62"]
+    nb["cells"][1]["outputs"][0]["text"] = ["0.62\n"]
+    assert stray_numbers(nb) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + sorted((REPO_ROOT / "docs" / "runs").glob("*/*.ipynb")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_markdown_numbers_come_from_the_run_or_the_papers(path):
+    """A number typed into prose goes stale on the next run or backbone: findings are rendered from the values."""
+    assert stray_numbers(json.loads(path.read_text())) == [], f"{path.name}: numbers in markdown not in the run"
