@@ -78,9 +78,10 @@ def show_modulation(result, i: int, k: int, *, axes=None):
     show_labels(mask_px * 255, axes[0], title=f"segment {k}: the modulated region", image=base, alpha=0.5)
     show_image(result.images_plus[i, k], axes[1], title="+λ")
     show_image(result.images_minus[i, k], axes[2], title="−λ")
-    axes[3].imshow(_np(result.diffs[i, k]), cmap="magma", vmin=0, vmax=1)
+    im = axes[3].imshow(_np(result.diffs[i, k]), cmap="magma", vmin=0, vmax=1)
     axes[3].set_axis_off()
     axes[3].set_title("‖I⁻ − I⁺‖, blurred (bright = changed)", fontsize=8)
+    axes[3].figure.colorbar(im, ax=axes[3], fraction=0.046, pad=0.04).set_label("÷ its maximum", fontsize=7)
     return axes
 
 
