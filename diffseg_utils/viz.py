@@ -189,30 +189,46 @@ def show_features(features, images, labels, block: str, t: int, idx: int = 0, *,
     return axes
 
 
-def feature_explorer(features, images, labels, blocks, timesteps, *, block: str | None = None, t: int | None = None,
-                     seed: int = 0, class_names=None):
-    """An ipywidgets panel: a block dropdown, a t slider and an image slider over :func:`show_features`.
+def figure_with_controls(draw, controls, describe: str) -> None:
+    """Show ``draw()``'s figure as an ordinary output, then the ipywidgets ``controls``; a change of any
+    control's value redraws the figure in place.
 
-    ``features`` must hold every (t, block) offered. Returns the widget (display it as a cell's last
-    line); it redraws one figure per change. Needs a live kernel to react; a headless run draws the
-    default once.
+    The figure is a plain image output, so a notebook viewed without a kernel (GitHub, nbviewer) still
+    shows the default view; ``describe`` is what such a viewer prints for the controls. Needs a live
+    kernel to react. Returns None.
     """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    def render():
+        fig = draw()
+        plt.close(fig)
+        return fig
+
+    handle = display(render(), display_id=True)
+    for w in controls:
+        w.observe(lambda *_: handle.update(render()), names="value")
+    bundle = widgets.HBox(list(controls))._repr_mimebundle_()
+    bundle["text/plain"] = describe
+    display(bundle, raw=True)
+
+
+def feature_explorer(features, images, labels, blocks, timesteps, *, block: str | None = None, t: int | None = None,
+                     seed: int = 0, class_names=None) -> None:
+    """:func:`show_features` with a block dropdown, a t slider and an image slider
+    (:func:`figure_with_controls`). ``features`` must hold every (t, block) offered."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
     w_block = widgets.Dropdown(options=list(blocks), value=block or blocks[0], description="block")
     w_t = widgets.SelectionSlider(options=list(timesteps), value=t if t is not None else timesteps[0], description="t")
     w_img = widgets.IntSlider(0, 0, len(images) - 1, description="image")
-    out = widgets.Output()
 
-    def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            show_features(features, images, labels, w_block.value, w_t.value, w_img.value, seed=seed,
-                          class_names=class_names)
-            plt.show()
+    def draw():
+        fig, axes = plt.subplots(1, 4, figsize=(10, 2.4), gridspec_kw={"wspace": 0.05})
+        show_features(features, images, labels, w_block.value, w_t.value, w_img.value, axes=axes, seed=seed,
+                      class_names=class_names)
+        return fig
 
-    for w in (w_block, w_t, w_img):
-        w.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([w_block, w_t, w_img]), out])
+    figure_with_controls(draw, [w_block, w_t, w_img], "(controls: block, t and image; they need a live kernel)")

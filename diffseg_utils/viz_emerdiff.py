@@ -85,38 +85,28 @@ def show_modulation(result, i: int, k: int, *, axes=None):
     return axes
 
 
-def segment_explorer(result, images, gts=None, class_names=None, *, ignore_index: int | None = 255):
-    """An ipywidgets panel over a result with modulated images (``return_images=True``): an image
-    slider and a segment dropdown redraw :func:`show_modulation`; the image's :func:`show_emerdiff`
-    row sits below. Returns the widget (display it as a cell's last line); a headless run draws the
-    first image's first segment once."""
+def segment_explorer(result, images, gts=None, class_names=None, *, ignore_index: int | None = 255) -> None:
+    """:func:`show_modulation` of one segment above the image's :func:`show_emerdiff` row, with an image
+    slider and a segment dropdown (:func:`~diffseg_utils.viz.figure_with_controls`); ``result`` must hold
+    the modulated images (``return_images=True``)."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
+
+    from .viz import figure_with_controls
 
     n = result.low_res.shape[0]
     seg_ids = lambda i: [int(k) for k in torch.unique(result.low_res[i])]  # noqa: E731
     w_img = widgets.IntSlider(0, 0, n - 1, description="image")
     w_seg = widgets.Dropdown(options=seg_ids(0), description="segment")
-    out = widgets.Output()
+    w_img.observe(lambda *_: setattr(w_seg, "options", seg_ids(w_img.value)), names="value")  # before the redraw
 
-    def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig, axes = plt.subplots(2, 5, figsize=(11, 5), gridspec_kw={"hspace": 0.35})
-            show_modulation(result, w_img.value, w_seg.value, axes=axes[0, :4])
-            axes[0, 4].set_axis_off()
-            show_emerdiff(result, w_img.value, images[w_img.value], None if gts is None else gts[w_img.value],
-                          class_names, axes=axes[1], ignore_index=ignore_index)
-            plt.show()
+    def draw():
+        i, k = w_img.value, w_seg.value if w_seg.value in seg_ids(w_img.value) else seg_ids(w_img.value)[0]
+        fig, axes = plt.subplots(2, 5, figsize=(11, 5), gridspec_kw={"hspace": 0.35})
+        show_modulation(result, i, k, axes=axes[0, :4])
+        axes[0, 4].set_axis_off()
+        show_emerdiff(result, i, images[i], None if gts is None else gts[i], class_names, axes=axes[1],
+                      ignore_index=ignore_index)
+        return fig
 
-    def new_image(*_):
-        w_seg.unobserve(redraw, names="value")
-        w_seg.options = seg_ids(w_img.value)
-        w_seg.value = w_seg.options[0]
-        w_seg.observe(redraw, names="value")
-        redraw()
-
-    w_img.observe(new_image, names="value")
-    w_seg.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([w_img, w_seg]), out])
+    figure_with_controls(draw, [w_img, w_seg], "(controls: image and segment; they need a live kernel)")

@@ -201,8 +201,9 @@ def test_feature_explorer_redraws_in_a_real_browser(chromium, lab, tmp_path):
             page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
             run_all = page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$"))
             page.locator(".lm-Menu-item", has=run_all).click()
-            panel = page.locator(".jp-OutputArea-output .widget-vbox").filter(has=page.locator(".widget-dropdown"))
-            img_sel = ".jp-OutputArea-output .widget-vbox .widget-output img"
+            # the explorer: its figure as an ordinary image output, its controls below it in the same cell
+            panel = page.locator(".jp-OutputArea-output .widget-hbox").filter(has=page.locator(".widget-dropdown"))
+            img_sel = ".jp-CodeCell:has(.widget-dropdown) .jp-OutputArea-output img"
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while page.locator(img_sel).count() == 0:
                 prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
@@ -227,7 +228,8 @@ def test_feature_explorer_redraws_in_a_real_browser(chromium, lab, tmp_path):
 
             panel.scroll_into_view_if_needed()
             page.screenshot(path=shots / "01_widget.png")
-            panel.screenshot(path=shots / "01_panel.png")
+            cell = page.locator(".jp-CodeCell").filter(has=page.locator(".widget-dropdown"))
+            cell.screenshot(path=shots / "01_panel.png")
             src0 = page.locator(img_sel).get_attribute("src")
             assert src0.startswith("data:image/png;base64,")
 
@@ -240,7 +242,7 @@ def test_feature_explorer_redraws_in_a_real_browser(chromium, lab, tmp_path):
             src1, timings["block redraw"] = _wait_redraw(page, img_sel, src0, f"block {current} -> {other}")
             assert not np.array_equal(_kmeans_panel(src0), _kmeans_panel(src1)), \
                 f"block {current} -> {other}: the figure was redrawn but shows the same clustering"
-            panel.screenshot(path=shots / "02_panel_block.png")
+            cell.screenshot(path=shots / "02_panel_block.png")
 
             # the t slider: one step by keyboard (right, or left from the last timestep)
             slider = panel.locator(".widget-hslider").filter(
@@ -254,7 +256,7 @@ def test_feature_explorer_redraws_in_a_real_browser(chromium, lab, tmp_path):
             assert t_after != t_before and t_after in map(str, PARAMS["TIMESTEPS"]), (t_before, t_after)
             assert not np.array_equal(_kmeans_panel(src1), _kmeans_panel(src2)), \
                 f"t {t_before} -> {t_after}: the figure was redrawn but shows the same clustering"
-            panel.screenshot(path=shots / "03_panel_t.png")
+            cell.screenshot(path=shots / "03_panel_t.png")
             page.screenshot(path=shots / "03_widget.png")
             assert not errors, f"JavaScript errors on the page: {errors}"
         finally:

@@ -404,7 +404,16 @@ def test_viz_helpers_match_segments_and_draw(sd_tiny):
     gts[:, 32:] = 1
     assert len(show_emerdiff(res, 1, imgs[1], gts[1], ["background", "thing"])) == 5
     assert len(show_modulation(res, 0, int(res.low_res[0, 0, 0]))) == 4
-    assert len(segment_explorer(res, imgs, gts, ["background", "thing"]).children) == 2
+    shown = []
+    import IPython.display
+
+    orig = IPython.display.display
+    IPython.display.display = lambda obj, **kw: shown.append(obj) or type("H", (), {"update": lambda self, o: None})()
+    try:
+        assert segment_explorer(res, imgs, gts, ["background", "thing"]) is None
+    finally:
+        IPython.display.display = orig
+    assert len(shown[0].axes) >= 9 and "live kernel" in shown[1]["text/plain"]   # the figure, then the controls
     plt.close("all")
     with pytest.raises(ValueError, match="return_images=True"):
         show_modulation(emerdiff_segment(sd_tiny, imgs[:1], 3, num_steps=3, progress=False), 0, 0)

@@ -29,7 +29,12 @@ def test_label_legend_lists_only_present_classes_and_marks_unseen():
     plt.close(fig)
 
 
-def test_show_features_and_explorer_draw():
+class _Handle:
+    def update(self, obj):
+        pass
+
+
+def test_show_features_and_explorer_draw(monkeypatch):
     import matplotlib.pyplot as plt
 
     maps = {(t, "b"): torch.randn(2, 4, 4, 4) for t in (10, 20)}
@@ -38,6 +43,9 @@ def test_show_features_and_explorer_draw():
     labs = np.zeros((2, 8, 8), np.int64)
     axes = show_features(fm, imgs, labs, "b", 20, idx=1, class_names=["background"])
     assert len(axes) == 4
-    w = feature_explorer(fm, imgs, labs, ["b"], [10, 20], t=20)
-    assert w.children[0].children[1].value == 20
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, **kw: shown.append(obj) or _Handle())
+    assert feature_explorer(fm, imgs, labs, ["b"], [10, 20], t=20) is None
+    fig, controls = shown
+    assert len(fig.axes) == 4 and "live kernel" in controls["text/plain"]   # a figure, then the controls
     plt.close("all")

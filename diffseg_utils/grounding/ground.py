@@ -155,10 +155,9 @@ def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, s
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     from ..joint_attention import concept_attention, has_joint_blocks
-    from ..viz import label_legend, show_image, show_labels
+    from ..viz import figure_with_controls, label_legend, show_image, show_labels
     from .prompts import prompt_template
 
     tpl = prompt_template(backbone)
@@ -179,19 +178,9 @@ def ground_explorer(backbone: Backbone, module: GroundingModule, name: str, *, s
             axes[2].set_title(f"ConceptAttention '{text}'\nvs background (bright = '{text}')", fontsize=8)
         label_legend(axes[-1], ["background", text], unseen=[text] if star else ())
         fig.tight_layout()
-        plt.close(fig)
         return fig
 
-    handle = display(figure(name, seed), display_id=True)
     w_name = widgets.Text(name, description="category", continuous_update=False)
     w_seed = widgets.IntSlider(seed, 0, max_seed, description="seed", continuous_update=False)
-
-    def redraw(*_):
-        handle.update(figure(w_name.value, w_seed.value))
-
-    for w in (w_name, w_seed):
-        w.observe(redraw, names="value")
-    box = widgets.HBox([w_name, w_seed])
-    bundle = box._repr_mimebundle_()
-    bundle["text/plain"] = "(controls: a category name and a seed; they need a live kernel)"
-    display(bundle, raw=True)
+    figure_with_controls(lambda: figure(w_name.value, w_seed.value), [w_name, w_seed],
+                         "(controls: a category name and a seed; they need a live kernel)")
