@@ -13,7 +13,24 @@
 * :mod:`.ground`     -- :func:`ground`, the one call: (backbone, module, images or prompts, names) -> labels/masks/scores.
 * :mod:`.diagnostics` -- which prompt tokens the cross-attention follows (the DAAM baseline's premise, measured).
 * :mod:`.plots`      -- notebook 04's figures.
-"""
-from .ground import GroundingResult, ground
 
-__all__ = ["GroundingResult", "ground"]
+Every entry point notebook 04 uses is importable from here (``from diffseg_utils import grounding as gd``).
+"""
+from .defaults import GroundingDefaults, resolve_defaults
+from .diagnostics import cross_attention_tokens
+from .export import export_segmentation_dataset
+from .features import feature_groups
+from .ground import GroundingResult, ground, ground_explorer
+from .labelers import GroundingLabeler, SegmenterLabeler, weights_fingerprint
+from .module import GroundingModule, class_embeddings
+from .plots import show_loss, show_protocol_one, show_shards, show_token_study
+from .prompts import PAPER_TEMPLATE, prompt_template
+from .protocols import evaluate_on_generations, evaluate_segmenter, fit_segmenter
+from .shards import GroundingShards, synthesize
+from .train import train_grounding
+
+__all__ = ["GroundingDefaults", "GroundingLabeler", "GroundingModule", "GroundingResult", "GroundingShards",
+           "PAPER_TEMPLATE", "SegmenterLabeler", "class_embeddings", "cross_attention_tokens", "evaluate_on_generations",
+           "evaluate_segmenter", "export_segmentation_dataset", "feature_groups", "fit_segmenter", "ground",
+           "ground_explorer", "prompt_template", "resolve_defaults", "show_loss", "show_protocol_one", "show_shards",
+           "show_token_study", "synthesize", "train_grounding", "weights_fingerprint"]
