@@ -28,7 +28,8 @@ from .ddpmseg import FewShotSegmenter, SegmentationResult, fewshot_miou
 from .emerdiff import emerdiff_segment
 from .features import FeatureMaps, extract_features
 from .grounding.ground import GroundingResult, ground
-from .joint_attention import JointAttentionMaps, JointMapsResult, concept_attention
+from .joint_attention import (JointAttentionMaps, JointMapsResult, concept_attention, concept_attention_miou,
+                              has_joint_blocks, joint_blocks)
 from .inputs import Geometry, ImageLike, geometry_of, prepare_images, prepare_labels, restore_labels
 from .loading import WeightsNotAvailableError, load_backbone, untrained_like
 from .metrics import PairedDifference, ddpmseg_miou, hungarian_miou, mean_iou, paired_difference
@@ -37,12 +38,14 @@ from .registry import list_backbones
 from .selection import PlaceChoice, choose_places, decoder_blocks
 
 __all__ = [
-    "Backbone", "BlockInfo", "Conditioning", "DDPMSEG_DATASETS", "DatasetConfig", "FeatureMaps", "FewShotData", "FewShotSegmenter",
-    "Geometry", "GroundingResult", "ImageLike", "JointAttentionMaps", "JointMapsResult", "PairedDifference", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
+    "Backbone", "BlockInfo", "Conditioning", "DatasetConfig", "DDPMSEG_DATASETS", "FeatureMaps", "FewShotData",
+    "FewShotSegmenter", "Geometry", "GroundingResult", "ImageLike", "JointAttentionMaps", "JointMapsResult",
+    "PairedDifference", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
     "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
-    "choose_places", "concept_attention", "daam_segment", "ddpmseg_miou", "decoder_blocks", "emerdiff_segment", "extract_features",
-    "fewshot_miou", "fewshot_splits", "geometry_of", "ground", "hungarian_miou", "list_backbones", "list_datasets",
-    "load_backbone", "load_dataset", "mean_iou", "paired_difference", "prepare_images", "prepare_labels", "probe_features", "probe_grid",
-    "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",
+    "choose_places", "concept_attention", "concept_attention_miou", "daam_segment", "ddpmseg_miou",
+    "decoder_blocks", "emerdiff_segment", "extract_features", "fewshot_miou", "fewshot_splits", "geometry_of",
+    "ground", "has_joint_blocks", "hungarian_miou", "joint_blocks", "list_backbones", "list_datasets",
+    "load_backbone", "load_dataset", "mean_iou", "paired_difference", "prepare_images", "prepare_labels",
+    "probe_features", "probe_grid", "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",
 ]
 __version__ = "0.1.0"

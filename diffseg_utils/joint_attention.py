@@ -39,8 +39,8 @@ from .backbones.base import tokens_to_map
 from .inputs import restore_labels
 from .text import token_span
 
-__all__ = ["JointAttentionMaps", "JointMapsResult", "concept_attention", "joint_blocks", "has_joint_blocks",
-           "concept_tokens"]
+__all__ = ["JointAttentionMaps", "JointMapsResult", "concept_attention", "concept_attention_miou", "joint_blocks",
+           "has_joint_blocks", "concept_tokens"]
 
 
 def _joint(backbone: Backbone) -> list[int]:
@@ -305,3 +305,30 @@ def concept_attention(backbone: Backbone, images, concepts: Sequence[str], *, ti
     maps = restore_labels(jam.concept_maps, geo)  # bilinear from the token grid to each image's own size
     labels = [m.argmax(0) for m in maps] if isinstance(maps, list) else maps.argmax(1)
     return JointMapsResult(maps=maps, labels=labels)
+
+
+def concept_attention_miou(backbone: Backbone, images, labels, class_names: Sequence[str], *,
+                           background: str = "background", timesteps: Sequence[float] = (500,),
+                           layers: Sequence[int] | None = None, seed: int = 0, batch_size: int = 16,
+                           ignore_index: int = 255) -> tuple[float, "np.ndarray"]:
+    """ConceptAttention as a zero-shot segmenter of labelled images (ConceptAttention's multi-class protocol):
+    concepts = ``class_names`` + ``background``, each pixel to its most probable concept.
+
+    images: (N, ...) anything :func:`concept_attention` takes; labels: (N, H, W) integers at the images' size,
+    0 = background, ``k`` = ``class_names[k - 1]``, ``ignore_index`` ignored. Returns the mIoU over the classes
+    present (``metrics.mean_iou``) and the per-class IoU ``(len(class_names) + 1,)`` (NaN where absent).
+    """
+    import numpy as np
+
+    from .metrics import confusion_matrix, iou_per_class, miou_from_confusion
+
+    k = len(class_names) + 1
+    labels = torch.as_tensor(np.asarray(labels))
+    cm = torch.zeros(k, k, dtype=torch.long)
+    for s in range(0, len(labels), batch_size):
+        res = concept_attention(backbone, images[s:s + batch_size], [*class_names, background], timesteps=timesteps,
+                                layers=layers, seed=seed + s)
+        pred = (res.labels.cpu() + 1) % k                       # concept j -> class j + 1; background (last) -> 0
+        cm += confusion_matrix(pred, labels[s:s + batch_size], k, ignore_index)
+    return miou_from_confusion(cm), iou_per_class(cm).numpy()
+

@@ -94,3 +94,25 @@ def test_concept_attention_on_images_and_errors(sd3_micro):
 def test_unets_are_refused_with_the_alternative(sd_tiny):
     with pytest.raises(ValueError, match="daam_segment"):
         JointAttentionMaps(sd_tiny, concepts=CONCEPTS)
+
+
+def test_concept_attention_miou_equals_a_plain_scoring(sd3_micro):
+    """The multi-class protocol: concepts = classes + background, argmax, class ids shifted by one, batched
+    scoring = one confusion matrix over all images."""
+    import numpy as np
+
+    from diffseg_utils.joint_attention import concept_attention, concept_attention_miou
+    from diffseg_utils.metrics import mean_iou
+
+    r = sd3_micro.resolution
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.rand(5, 3, r, r, generator=g)
+    labels = torch.randint(0, 3, (5, r, r), generator=g)
+    labels[0, 0, 0] = 255                                               # an ignored pixel
+    miou, ious = concept_attention_miou(sd3_micro, imgs, labels, ["star", "circle"], batch_size=2, timesteps=(300,))
+    preds = []
+    for s in range(0, 5, 2):
+        lab = concept_attention(sd3_micro, imgs[s:s + 2], ["star", "circle", "background"], timesteps=(300,), seed=s).labels
+        preds.append((lab + 1) % 3)
+    want = mean_iou(torch.cat(preds), labels, 3, ignore_index=255)
+    assert abs(miou - want) < 1e-9 and ious.shape == (3,) and np.isfinite(ious).all()
