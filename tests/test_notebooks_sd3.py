@@ -16,7 +16,8 @@ from diffseg_utils.registry import TOY_SD3_DIR  # noqa: E402
 
 SMALL = {"N_FIDELITY": 16, "N_TRAIN": 8, "N_VAL": 8, "N_TEST": 8, "TIMESTEPS": [50, 300], "N_SPLITS": 1,
          "SWEEP_TIMESTEPS": [50, 300], "LABEL_SIZES": [2, 8], "N_IMAGES": 8, "LAMS": [10.0], "LAYERS": ["query"],
-         "T_MS": [281], "N_EVAL": 16, "N_TOKENS": 8, "N_SYNTH": 16, "N_SEG_TEST": 32}
+         "T_MS": [281], "N_EVAL": 16, "N_TOKENS": 8, "N_SYNTH": 16, "N_SEG_TEST": 32, "N_CONCEPT_VAL": 8,
+         "CONCEPT_T": [500]}
 
 
 def _metrics(root, nb):
@@ -36,7 +37,8 @@ def test_every_notebook_runs_on_the_toy_mmdit(tmp_path):
     m03 = _metrics(root, "03_emerdiff")
     assert {"emerdiff_miou", "bilinear_miou", "emerdiff_minus_bilinear"} <= set(m03)
     m04 = _metrics(root, "04_grounding")
-    assert {"protocol1_concept_attention_seen_miou", "protocol1_joint_cross_attention_seen_miou"} <= set(m04)
+    assert {"protocol1_concept_attention_seen_miou", "protocol1_joint_cross_attention_seen_miou",
+            "concept_attention_real_miou"} <= set(m04)
     assert "protocol1_daam_seen_miou" not in m04   # no cross-attention on an MM-DiT
 
 
