@@ -117,3 +117,13 @@ def test_shipped_grounding_module_matches_the_shipped_toy_model():
 MARGIN_RGB, MARGIN_UNTRAINED = 0.05, 0.05
 MARGIN_EMERDIFF = 0.03
 MARGIN_GROUNDING = 0.28
+
+
+def test_shipped_mmdit_grounding_module_matches_the_shipped_toy_mmdit():
+    import json
+
+    from diffseg_utils.registry import DATA_DIR, TOY_SD3_DIR
+
+    meta = json.loads((DATA_DIR / "grounding" / "toy-sd3" / "grounding.json").read_text())
+    step = json.loads((TOY_SD3_DIR / "training_state.json").read_text())["step"]
+    assert meta["toy_sd3_step"] == step, "retrain data/grounding/toy-sd3 after changing data/toy-sd3 (see its README)"
