@@ -106,7 +106,7 @@ def cross_attention_tokens(
             idx = range(s, min(s + batch_size, num_images))
             pn = [sample_prompt(class_names, i, seed, template=tpl, two_prob=0.0) for i in idx]
             prompts, names = [p for p, _ in pn], [n for _, n in pn]
-            with attention_maps(backbone, cfg_batch=guidance_scale != 1.0, concepts=concepts if joint else None) as cam:
+            with attention_maps(backbone, cfg_batch=guidance_scale != 1.0, concepts=concepts) as cam:  # DAAM ignores them
                 gen = generate_with_features(backbone, prompts, num_steps=num_steps, guidance_scale=guidance_scale,
                                              seed=[sample_seed(seed, i) for i in idx])
             size = gen.images.shape[-1]
