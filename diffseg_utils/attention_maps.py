@@ -59,14 +59,24 @@ def word_heatmaps(maps: torch.Tensor, tokenizer, prompts: Sequence[str] | str,
                          "generated images; pass one prompt and one word list per image, in batch order")
     if any(len(w) == 0 for w in words):
         raise ValueError(f"every prompt needs at least one word; got counts {[len(w) for w in words]}")
-    width = max(len(w) for w in words)
-    per_word = maps.new_zeros(len(words), width, *maps.shape[-2:])          # (N, W, r, r)
-    for i, (p, ws) in enumerate(zip(prompts, words)):
-        for j, w in enumerate(ws):
-            per_word[i, j] = maps[i, token_span(tokenizer, p, w)].mean(0)
+    return token_heatmaps(maps, [[token_span(tokenizer, p, w) for w in ws] for p, ws in zip(prompts, words)],
+                          image_size)
+
+
+def token_heatmaps(maps: torch.Tensor, positions: Sequence[Sequence[Sequence[int]]],
+                   image_size: int | tuple[int, int]) -> torch.Tensor:
+    """Heat maps ``(N, W, H, W_img)`` in [0, 1] of token groups: ``positions[i][j]`` lists the token
+    indices of group ``j`` of image ``i`` in the per-token maps ``(N, K, r, r)``; a group's map is the
+    mean of its tokens' maps, bicubic to ``image_size``, min-max normalised per map (DAAM's rule). W is
+    the most groups of any image; missing groups' maps are zero."""
+    width = max(len(g) for g in positions)
+    per_word = maps.new_zeros(len(positions), width, *maps.shape[-2:])      # (N, W, r, r)
+    for i, groups in enumerate(positions):
+        for j, idx in enumerate(groups):
+            per_word[i, j] = maps[i, list(idx)].mean(0)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if tuple(per_word.shape[-2:]) != size:
-        per_word = F.interpolate(per_word, size=size, mode="bicubic", align_corners=False)
+        per_word = F.interpolate(per_word.float(), size=size, mode="bicubic", align_corners=False)
     lo = per_word.amin((-2, -1), keepdim=True)
     hi = per_word.amax((-2, -1), keepdim=True)
     return ((per_word - lo) / (hi - lo).clamp_min(1e-12)).clamp_(0, 1)

@@ -69,8 +69,8 @@ def _distinct_best(table: ProbeTable, feats: FeatureMaps, t: int, n: int) -> lis
     return chosen
 
 
-def choose_places(backbone: Backbone | None, train_images, train_labels, val_images, val_labels, *,
-                  timesteps: Sequence[int], num_classes: int, blocks: Sequence[str | int] | None = None,
+def choose_places(backbone: Backbone | None = None, train_images=None, train_labels=None, val_images=None,
+                  val_labels=None, *, timesteps: Sequence[int], num_classes: int, blocks: Sequence[str | int] | None = None,
                   n_blocks: int = 3, n_timesteps: int = 3, per_class: int = 2000, seed: int = 0,
                   batch_size: int = 16, progress: bool = True, train_features: FeatureMaps | None = None,
                   val_features: FeatureMaps | None = None, ignore_index: int = 255) -> PlaceChoice:
@@ -80,10 +80,15 @@ def choose_places(backbone: Backbone | None, train_images, train_labels, val_ima
     labels: (N, H, W) integer class maps at the features' image size, 255 = ignore.
     ``blocks`` defaults to :func:`decoder_blocks`; ``timesteps`` is the sweep. Pass precomputed
     ``train_features`` / ``val_features`` (extracted at ``blocks`` x ``timesteps``) to skip extraction;
-    then ``backbone`` may be None.
+    then no backbone or images are needed:
+
+    >>> choose_places(train_labels=y_tr, val_labels=y_va, train_features=f_tr, val_features=f_va,
+    ...               timesteps=[50, 150], num_classes=3)
     """
     if backbone is None and (train_features is None or val_features is None):
-        raise ValueError("give a backbone, or both train_features and val_features")
+        raise ValueError("give a backbone with train_images and val_images, or both train_features and val_features")
+    if train_labels is None or val_labels is None:
+        raise ValueError("give train_labels and val_labels: (N, H, W) integer class maps")
     if n_blocks < 1 or n_timesteps < 1:
         raise ValueError(f"n_blocks and n_timesteps must be >= 1; got {n_blocks}, {n_timesteps}")
     timesteps = [int(t) for t in timesteps]
@@ -97,7 +102,7 @@ def choose_places(backbone: Backbone | None, train_images, train_labels, val_ima
     kw = dict(seed=seed, batch_size=batch_size, progress=progress)
     f_tr = train_features or extract_features(backbone, train_images, list(blocks), timesteps, **kw)
     f_va = val_features or extract_features(backbone, val_images, list(blocks), timesteps, **kw)
-    table = probe_grid(backbone, None, train_labels, None, val_labels, list(f_tr.blocks), timesteps,
+    table = probe_grid(train_labels=train_labels, test_labels=val_labels, blocks=list(f_tr.blocks), timesteps=timesteps,
                        num_classes=num_classes, per_class=per_class, seed=seed, progress=False,
                        train_features=f_tr, test_features=f_va, ignore_index=ignore_index)
     best_block, best_t, best = table.best()

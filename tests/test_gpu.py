@@ -281,9 +281,9 @@ def test_fewshot_miou_probe_grid_choose_places(ddpm256):
         fm = extract_features(ddpm256, x, blocks, [50, 150], progress=False)
         score, res = fewshot_miou(fm.images(slice(0, 2)), y[:2], fm.images(slice(2, 4)), y[2:], num_classes=3,
                                   max_pixels=4096)
-        table = probe_grid(None, None, y[:2], None, y[2:], train_features=fm.images(slice(0, 2)),
+        table = probe_grid(train_labels=y[:2], test_labels=y[2:], train_features=fm.images(slice(0, 2)),
                            test_features=fm.images(slice(2, 4)), per_class=500, progress=False)
-        choice = choose_places(None, None, y[:2], None, y[2:], timesteps=[50, 150], num_classes=3,
+        choice = choose_places(train_labels=y[:2], val_labels=y[2:], timesteps=[50, 150], num_classes=3,
                                train_features=fm.images(slice(0, 2)), val_features=fm.images(slice(2, 4)),
                                per_class=500, progress=False)
     assert not rec.found, f"float64 tensors created on {DEVICE}: {sorted(set(rec.found))}"

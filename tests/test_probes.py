@@ -32,7 +32,7 @@ def test_probes_read_labels_from_informative_features_only():
     assert probe_features(noise, ytr, te.select(["noise"], [10]), yte, 3) < 0.5
     assert mlp_probe(sig, ytr, te.select(["sig"], [10]), yte, 3) > 0.9
     assert mlp_probe(noise, ytr, te.select(["noise"], [10]), yte, 3) < 0.5
-    table = probe_grid(None, None, ytr, None, yte, ["sig", "noise"], [10, 50], num_classes=3, progress=False,
+    table = probe_grid(train_labels=ytr, test_labels=yte, blocks=["sig", "noise"], timesteps=[10, 50], num_classes=3, progress=False,
                        train_features=tr, test_features=te)
     assert table.best()[0] == "sig" and np.all(table.miou[0] > table.miou[1])
 
@@ -85,7 +85,7 @@ def test_probe_grid_needs_no_backbone_given_features():
     te, yte = _maps(1)
     table = probe_grid(train_labels=ytr, test_labels=yte, train_features=tr, test_features=te, progress=False)
     assert table.blocks == ["sig", "noise"] and table.timesteps == [10, 50] and table.miou.shape == (2, 2)
-    only = probe_grid(None, None, ytr, None, yte, ["noise"], [50], train_features=tr, test_features=te,
+    only = probe_grid(train_labels=ytr, test_labels=yte, blocks=["noise"], timesteps=[50], train_features=tr, test_features=te,
                       progress=False)
     assert only.blocks == ["noise"] and only.timesteps == [50]
     assert only.miou[0, 0] == pytest.approx(table.miou[1, 1])

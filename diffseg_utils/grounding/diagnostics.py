@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..attention_maps import token_heatmaps
 from ..backbones import Backbone
 from ..joint_attention import has_joint_blocks
 from ..text import token_span
@@ -50,13 +51,6 @@ class TokenStudy:
     def table(self) -> dict[str, dict[str, float]]:
         """role -> template -> IoU (rows to print)."""
         return {r: {t: self.iou[t][r] for t in self.templates} for r in self.roles}
-
-
-def _normalise(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, R, R)`` maps -> ``(N, size, size)`` bicubic, min-max per map (as DAAM's heat maps)."""
-    up = F.interpolate(maps[:, None].float(), size=(size, size), mode="bicubic", align_corners=False)[:, 0]
-    lo, hi = up.amin((-2, -1), keepdim=True), up.amax((-2, -1), keepdim=True)
-    return ((up - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -118,8 +112,7 @@ def cross_attention_tokens(
                 pos["class word"].append(token_span(tok, p, nm[0]))
                 pos["start of text"].append([0])
                 pos["end of text"].append([len(tok(p, truncation=True).input_ids) - 1])
-            heat = {r: _normalise(torch.stack([maps[i, k].mean(0) for i, k in enumerate(pos[r])]), size)
-                    for r in pos}
+            heat = {r: token_heatmaps(maps, [[k] for k in pos[r]], size)[:, 0] for r in pos}
             heat["class word, inverted"] = 1 - heat["class word"]
             pred = {r: heat[r] > threshold for r in heat}
             if joint:  # the class's concept probability (shown), its argmax mask (scored)

@@ -131,7 +131,7 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
     if at is None:  # sweep every place on validation images, then keep the best one's train features
         f_tr = extract_features(backbone, tr.images, ups, list(timesteps), **kw)
         va = _draw(world, "fewshot_test", VAL_START, n_val, max_objects, size)
-        table = probe_grid(backbone, None, tr.labels, None, va.labels, ups, list(timesteps), num_classes=k,
+        table = probe_grid(train_labels=tr.labels, test_labels=va.labels, blocks=ups, timesteps=list(timesteps), num_classes=k,
                            seed=seed, progress=False, train_features=f_tr,
                            test_features=extract_features(backbone, va.images, ups, list(timesteps), **kw))
         block, t = table.best()[:2]

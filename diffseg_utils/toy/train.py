@@ -390,6 +390,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mmdit-steps", type=int, default=16000)
     p.add_argument("--mmdit-batch", type=int, default=32)
     p.add_argument("--mmdit-lr", type=float, default=1e-3)
+    p.add_argument("--mmdit-hide-summary", type=float, default=0.0,
+                   help="share of captions whose end-of-text/padding states and pooled embedding are the empty prompt's")
+    p.add_argument("--mmdit-init", type=Path, default=None,
+                   help="fine-tune: start a fresh --work from this training checkpoint's weights and optimiser state")
+    p.add_argument("--mmdit-warmup", type=int, default=300)
     p.add_argument("--stop-at", type=int, default=None, help="end training at this step (checkpointed), to resume later")
     p.add_argument("--config", default="default", choices=["default", "micro"])
     p.add_argument("--ddpm-steps", type=int, default=9000)
@@ -435,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run(a.stage, a.work, a.out, a.toy_sd or TOY_SD_DIR, SD3_MICRO if a.config == "micro" else ToySD3Config(),
             steps=a.mmdit_steps, batch=a.mmdit_batch, lr=a.mmdit_lr, num_latents=a.num_latents, stop_at=a.stop_at,
-            seed=a.seed)
+            seed=a.seed, p_hide=a.mmdit_hide_summary, init=a.mmdit_init, warmup=a.mmdit_warmup)
         return
     cfg = MICRO if a.config == "micro" else ToySDConfig()
     if a.stage in ("all", "vae"):

@@ -7,7 +7,11 @@ It reuses the toy SD's VAE (frozen; its latent space and scaling factor) and its
 (frozen, in both of SD3's CLIP slots, no T5), and trains only an ``SD3Transformer2DModel`` with
 SD3's rectified-flow objective: ``x_s = (1 - s) x_0 + s e``, predict ``e - x_0``, the noise level
 ``s`` drawn logit-normal (mean 0, std 1) as in the SD3 paper, 10% empty prompts for
-classifier-free guidance, random object order in captions, EMA weights. The conditioning is
+classifier-free guidance, random object order in captions, EMA weights. With ``p_hide`` > 0 a
+caption's *summary* (the end-of-text and padding states, which the causal text encoder lets see
+every word, and the pooled embedding, their copy) is replaced by the empty prompt's in that share
+of the training captions, so the transformer must read the class from the word tokens themselves
+(``docs/experiments/toy_sd_word_binding.py`` measures why the toy SD does not). The conditioning is
 computed by ``StableDiffusion3Pipeline.encode_prompt`` itself, so training sees exactly what the
 pipeline feeds the transformer at inference. Stages:
 
@@ -63,14 +67,32 @@ def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) ->
     return captions(classes, rng, p_drop)
 
 
+def hide_summary(cond: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor, eos: int, empty_cond: torch.Tensor,
+                 empty_pooled: torch.Tensor, hide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the summary of the captions flagged in ``hide`` by the empty prompt's.
+
+    ``cond`` (B, L, D) and ``pooled`` (B, P): the pipeline's conditioning of the captions whose token
+    ids are ``ids`` (B, L); ``empty_cond`` (1, L, D), ``empty_pooled`` (1, P): the empty prompt's; ``hide`` (B,)
+    bool. In a flagged row every position from the first ``eos`` on (end of text, padding) takes the empty
+    prompt's state at that position, and the pooled embedding the empty prompt's; the word states stay.
+    """
+    after_text = (ids == eos).int().cumsum(1) > 0  # (B, L): the end-of-text token and what follows it
+    pos = (after_text & hide[:, None])[..., None]
+    return torch.where(pos, empty_cond, cond), torch.where(hide[:, None], empty_pooled, pooled)
+
+
 def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: int, lr: float, *,
-                ema_decay: float = 0.999, p_drop: float = 0.1, warmup: int = 300, min_lr: float = 0.1,
-                log_every: int = 200, keep_every: int = 2000, stop_at: int | None = None, seed: int = 0) -> None:
+                ema_decay: float = 0.999, p_drop: float = 0.1, p_hide: float = 0.0, init: Path | None = None,
+                warmup: int = 300, min_lr: float = 0.1, log_every: int = 200, keep_every: int = 2000,
+                stop_at: int | None = None, seed: int = 0) -> None:
     """Train (or resume) the MM-DiT on the cached latents (``work/latents.pt``).
 
     AdamW at ``lr`` with ``warmup`` steps then a cosine decay to ``min_lr`` x ``lr`` at ``steps``;
     gradients clipped at 1. Resumes from ``work/mmdit.pt`` with every random state, so an
-    interrupted run reaches the same weights as one that never stopped.
+    interrupted run reaches the same weights as one that never stopped. A fresh run starts from
+    random weights, or from the weights, EMA and optimiser state of the training checkpoint ``init``
+    (a fine-tune: the step count and the schedule start at 0). ``p_hide``: the share of non-empty
+    captions whose summary is hidden (:func:`hide_summary`).
     """
     from .train import _log, _save, resume, train_step, warmup_cosine
 
@@ -83,7 +105,19 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
     ck = work / "mmdit.pt"
     g = torch.Generator().manual_seed(5678)
     rng = np.random.default_rng(5678)
-    ema, start, st = resume(ck, cfg, model, "model", opt, g)
+    if not ck.exists() and init is not None:
+        st = torch.load(init, weights_only=True)
+        if st["config"] != cfg.to_dict():
+            raise ValueError(f"--init {init} was trained with config {st['config']}, not {cfg.to_dict()}")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        ema, start, st = st["ema"], 0, {}
+    else:
+        ema, start, st = resume(ck, cfg, model, "model", opt, g)
+    if p_hide:
+        empty_cond, _, empty_pooled, _ = pipe.encode_prompt([""], prompt_2=None, prompt_3=None, device="cpu",
+                                                            do_classifier_free_guidance=False,
+                                                            max_sequence_length=cfg.max_sequence_length)
     if st:
         rng.bit_generator.state = json.loads(st["np_rng"])  # the caption stream too
     lr_at = lambda s: warmup_cosine(lr, s, steps, warmup, min_lr)  # noqa: E731
@@ -99,10 +133,16 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
         s = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal noise level in (0, 1)
         e = torch.randn(x0.shape, generator=g)
         xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * e
+        captions = _captions(data["classes"][idx], rng, p_drop)
         with torch.no_grad():
             cond, _, pooled, _ = pipe.encode_prompt(
-                _captions(data["classes"][idx], rng, p_drop), prompt_2=None, prompt_3=None, device="cpu",
+                captions, prompt_2=None, prompt_3=None, device="cpu",
                 do_classifier_free_guidance=False, max_sequence_length=cfg.max_sequence_length)
+        if p_hide:
+            ids = pipe.tokenizer(captions, padding="max_length", max_length=cond.shape[1], truncation=True,
+                                 return_tensors="pt").input_ids
+            hide = torch.from_numpy(rng.random(batch) < p_hide)
+            cond, pooled = hide_summary(cond, pooled, ids, pipe.tokenizer.eos_token_id, empty_cond, empty_pooled, hide)
         pred = model(xs, encoder_hidden_states=cond, pooled_projections=pooled, timestep=s * 1000).sample
         loss = F.mse_loss(pred, e - x0)
         train_step(opt, loss, {"model": model}, {"model": ema}, step, ema_decay)
@@ -131,7 +171,8 @@ def export_sd3(work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, ckpt: Pat
 
 
 def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, steps: int, batch: int, lr: float,
-        num_latents: int, stop_at: int | None = None, seed: int = 0) -> None:
+        num_latents: int, stop_at: int | None = None, seed: int = 0, p_hide: float = 0.0, init: Path | None = None,
+        warmup: int = 300) -> None:
     """The ``--model sd3`` stages of ``python -m diffseg_utils.toy.train``."""
     from .models import ToySDConfig
     from .train import cache_latents
@@ -140,7 +181,8 @@ def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, s
     if stage in ("all", "latents"):
         cache_latents(work, ToySDConfig(), num_latents, exported=toy_sd)
     if stage in ("all", "mmdit"):
-        train_mmdit(work, toy_sd, cfg, steps, batch, lr, stop_at=stop_at, seed=seed)
+        train_mmdit(work, toy_sd, cfg, steps, batch, lr, stop_at=stop_at, seed=seed, p_hide=p_hide, init=init,
+                    warmup=warmup)
     if stage in ("all", "export"):
         export_sd3(work, out, toy_sd, cfg)
     if stage == "gate":
