@@ -126,6 +126,61 @@ def test_protocol_one_known_answer(sd_tiny):
     assert res.miou("grounding", "seen") == 1.0 and res.miou("grounding", "unseen") == 0.0  # heart: nan, skipped
     assert res.pairs["heart"] == 0 and res.pairs["star"] + res.pairs["ring"] > 0
     assert res.table()["grounding"] == {"seen": 1.0, "unseen": 0.0, "harmonic": 0.0}
+    # every star pair scores 1 and every ring pair 0: the bootstrap cannot move the means
+    assert res.interval("grounding", "seen") == (1.0, 1.0) and res.interval("grounding", "unseen") == (0.0, 0.0)
+    assert len(res.pair_class) == res.pairs["star"] + res.pairs["ring"]
+    with pytest.raises(ValueError, match="'seen' or 'unseen'"):
+        res.interval("grounding", "all")
+
+
+def test_protocol_one_interval_resamples_pairs_within_classes():
+    """A plain bootstrap: pairs resampled within each class, class IoU = summed intersections / unions."""
+    import numpy as np
+
+    from diffseg_utils.grounding.protocols import ProtocolOneResult
+
+    counts = np.array([[1, 2], [3, 3], [0, 4], [2, 2]], float)
+    res = ProtocolOneResult(("a", "b"), ("a", "b"), {"m": {"a": 4 / 5, "b": 2 / 6}}, {"a": 2, "b": 2},
+                            pair_class=np.array([0, 0, 1, 1]), pair_counts={"m": counts})
+    lo, hi = res.interval("m", "seen", n_boot=500, seed=3)
+    rng = np.random.default_rng(3)
+    boot = np.zeros(500)
+    for c in (0, 1):
+        rows = counts[[i for i in range(4) if [0, 0, 1, 1][i] == c]]
+        d = rows[rng.integers(0, 2, size=(500, 2))].sum(1)
+        boot += d[:, 0] / d[:, 1]
+    assert (lo, hi) == tuple(np.percentile(boot / 2, [2.5, 97.5])) and lo <= res.miou("m", "seen") <= hi
+
+
+def test_single_class_protocol_equals_a_plain_computation(sd3_micro):
+    """ConceptAttention's single-class masks = concept_attention with [class, background] and the class prompt;
+    fg / bg IoU and accuracy per image as plain arithmetic; images of several objects are refused."""
+    import numpy as np
+
+    from diffseg_utils.grounding.single_class import evaluate_single_class
+    from diffseg_utils.joint_attention import concept_attention
+
+    r = sd3_micro.resolution
+    g = torch.Generator().manual_seed(5)
+    imgs = (torch.rand(3, 3, r, r, generator=g) * 255).to(torch.uint8)
+    labels = torch.zeros(3, r, r, dtype=torch.long)
+    labels[0, 2:9, 2:9], labels[1, 5:, 5:], labels[2, :6, 3:] = 1, 2, 1
+    labels[2, 0, 0] = 255
+    res = evaluate_single_class(sd3_micro, imgs, labels, ["star", "ring"], t=400, seed=2, template="a photo of a {}")
+    assert set(res.scores) == {"joint_cross_attention", "concept_attention"} and res.classes == ("star", "ring", "star")
+    for i, name in enumerate(res.classes):
+        lab = concept_attention(sd3_micro, imgs[i:i + 1], [name, "background"], timesteps=(400,), seed=2,
+                                prompt=f"a photo of a {name}").labels[0].numpy()
+        m, gt, ok = lab == 0, labels[i].numpy() == ["star", "ring"].index(name) + 1, labels[i].numpy() != 255
+        want = [(m & gt & ok).sum() / max(((m | gt) & ok).sum(), 1), (~m & ~gt & ok).sum() / max(((~m | ~gt) & ok).sum(), 1),
+                ((m == gt) & ok).sum() / ok.sum()]
+        assert np.allclose(res.scores["concept_attention"][i], want, atol=1e-6)
+    t = res.table()["concept_attention"]
+    assert abs(t["miou"] - res.per_image_miou("concept_attention").mean()) < 1e-12
+    two = labels.clone()
+    two[0, 0, 1] = 2
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate_single_class(sd3_micro, imgs, two, ["star", "ring"])
 
 
 class LabelNet(torch.nn.Module):

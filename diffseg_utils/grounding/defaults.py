@@ -36,6 +36,9 @@ class GroundingDefaults:
     segmenter_net:     ``segmenter_net(num_classes, seed=) -> nn.Module``: protocol II's segmenter.
     protocol_two_test_set: ``(n, class_names) -> (images uint8 (N, 3, H, W), labels int64 (N, H, W))``.
     ground_truth_seen_dataset: ``(n, seen, class_names) -> (images, labels)``: protocol II's reference.
+    single_object_set: ``(n, class_names, part) -> (images, labels)``, one object per image, ``part`` "validation"
+                       or "test": the single-class protocol's real images
+                       (:func:`~diffseg_utils.grounding.single_class.evaluate_single_class`).
     """
 
     class_sets: Mapping[str, tuple[str, ...]]
@@ -49,6 +52,7 @@ class GroundingDefaults:
     segmenter_net: Callable[..., Any] | None = None
     protocol_two_test_set: Callable[..., Any] | None = None
     ground_truth_seen_dataset: Callable[..., Any] | None = None
+    single_object_set: Callable[..., Any] | None = None
 
     def __post_init__(self):
         missing = {"seen", "unseen", "all"} - set(self.class_sets)

@@ -83,11 +83,35 @@ class ProtocolOneResult:
     iou: dict[str, dict[str, float]]          # method -> class -> IoU (nan: never found by the oracle)
     pairs: dict[str, int]                     # class -> number of (image, class) pairs scored
     examples: dict = field(default_factory=dict, repr=False)  # images, prompts, names; per-word masks per method
+    pair_class: np.ndarray = field(default_factory=lambda: np.zeros(0, int), repr=False)  # (P,) class index per pair
+    pair_counts: dict = field(default_factory=dict, repr=False)  # method -> (P, 2) intersection, union per pair
+
+    def _split(self, split: str) -> list[int]:
+        if split not in ("seen", "unseen"):
+            raise ValueError(f"split must be 'seen' or 'unseen', got {split!r}")
+        return [i for i, c in enumerate(self.class_names) if (c in self.seen) == (split == "seen")]
 
     def miou(self, method: str, split: str) -> float:
-        names = [c for c in self.class_names if (c in self.seen) == (split == "seen")]
-        vals = [self.iou[method][c] for c in names if not np.isnan(self.iou[method][c])]
+        vals = [self.iou[method][self.class_names[i]] for i in self._split(split)]
+        vals = [v for v in vals if not np.isnan(v)]
         return float(np.mean(vals)) if vals else float("nan")
+
+    def interval(self, method: str, split: str, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """95% percentile-bootstrap interval of :meth:`miou`: the scored (image, class) pairs are resampled
+        with replacement within each class, each class's IoU recomputed (intersections / unions summed),
+        averaged over the split's classes. Host arrays; ``(nan, nan)`` when no pair of the split was scored."""
+        classes = [i for i in self._split(split) if (self.pair_class == i).any()]
+        if not classes:
+            return float("nan"), float("nan")
+        rng = np.random.default_rng(seed)
+        counts = np.asarray(self.pair_counts[method], dtype=np.float64)
+        boot = np.zeros(n_boot)
+        for i in classes:
+            c = counts[self.pair_class == i]
+            draw = c[rng.integers(0, len(c), size=(n_boot, len(c)))].sum(1)       # (n_boot, 2)
+            boot += draw[:, 0] / np.maximum(draw[:, 1], 1)
+        lo, hi = np.percentile(boot / len(classes), [2.5, 97.5])
+        return float(lo), float(hi)
 
     def table(self) -> dict[str, dict[str, float]]:
         """method -> {seen, unseen, harmonic} mIoU."""
@@ -141,6 +165,8 @@ def evaluate_on_generations(
     inter: dict[str, np.ndarray] = {}
     union: dict[str, np.ndarray] = {}
     count = np.zeros(len(class_names), dtype=int)
+    pair_class: list[int] = []
+    pair_counts: dict[str, list] = {}
     ex: dict[str, list] = {"images": [], "prompts": [], "names": [], "oracle": []}
     for s in tqdm(range(0, num_images, batch_size), desc="protocol I", disable=not progress):
         idx = range(s, min(s + batch_size, num_images))
@@ -168,9 +194,11 @@ def evaluate_on_generations(
                     continue
                 ci = class_names.index(c)
                 count[ci] += 1
+                pair_class.append(ci)
                 for m in inter:
                     inter[m][ci] += float(counts[m][0, j, w])
                     union[m][ci] += float(counts[m][1, j, w])
+                    pair_counts.setdefault(m, []).append((float(counts[m][0, j, w]), float(counts[m][1, j, w])))
         if len(ex["images"]) < keep_examples:
             ex["images"].extend(gen.images.cpu())
             ex["prompts"].extend(prompts)
@@ -181,7 +209,8 @@ def evaluate_on_generations(
     ex = {k: v[:keep_examples] for k, v in ex.items()}
     iou = {m: {c: (inter[m][i] / union[m][i] if count[i] else float("nan")) for i, c in enumerate(class_names)}
            for m in inter}
-    return ProtocolOneResult(class_names, tuple(seen), iou, {c: int(count[i]) for i, c in enumerate(class_names)}, ex)
+    return ProtocolOneResult(class_names, tuple(seen), iou, {c: int(count[i]) for i, c in enumerate(class_names)}, ex,
+                             np.asarray(pair_class, dtype=int), {m: np.asarray(v).reshape(-1, 2) for m, v in pair_counts.items()})
 
 
 # ----------------------------------------------------------------- protocol II: a segmenter trained on synthetic data

@@ -108,6 +108,24 @@ def protocol_two_test_set(num_images: int, class_names: Sequence[str] = CATEGORI
                                                                                  class_names)
 
 
+SINGLE_OBJECT_START = {"validation": 200_000, "test": 100_000}
+"""Where the single-class protocol's images start in the ``grounding_test`` stream (far from protocol II's 0 …)."""
+
+
+def single_object_set(num_images: int, class_names: Sequence[str] = CATEGORIES,
+                      part: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The single-class protocol's images: one object of any category per image, exact labels.
+
+    ``part``: "validation" (chooses t) or "test" (scored), disjoint streams. Returns images (N, 3, 64, 64)
+    uint8 and labels (N, 64, 64) int64 in ``class_names``' ids as :func:`protocol_two_test_set`.
+    """
+    if part not in SINGLE_OBJECT_START:
+        raise ValueError(f"part must be one of {sorted(SINGLE_OBJECT_START)}, got {part!r}")
+    b = render("grounding_test", SINGLE_OBJECT_START[part], num_images, max_objects=1)
+    return torch.from_numpy(b.images).permute(0, 3, 1, 2).contiguous(), _to_ours(torch.from_numpy(b.labels),
+                                                                                 class_names)
+
+
 def ground_truth_seen_dataset(num_images: int, seen: Sequence[str] = SEEN_CATEGORIES,
                               class_names: Sequence[str] = CATEGORIES,
                               split: str = "grounding_gt") -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +146,7 @@ TOY = GroundingDefaults(
     class_sets=CLASS_SETS, segmenter=segmenter, checkpoint=CHECKPOINT, module_config=module_config,
     labelers=LABELERS, default_labeler="oracle", provenance=provenance, segmenter_settings=SEGMENTER_SETTINGS,
     segmenter_net=segmenter_net, protocol_two_test_set=protocol_two_test_set,
-    ground_truth_seen_dataset=ground_truth_seen_dataset)
+    ground_truth_seen_dataset=ground_truth_seen_dataset, single_object_set=single_object_set)
 """The toy SD's grounding defaults (its module: ``data/grounding/grounding.pt``)."""
 
 TOY_SD3 = replace(TOY, checkpoint=CHECKPOINT_SD3, provenance=provenance_sd3)
