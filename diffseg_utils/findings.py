@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .grounding.plots import METHOD_LABELS
 
-__all__ = ["emerdiff_findings", "token_study_findings", "protocol_findings"]
+__all__ = ["emerdiff_findings", "token_study_findings", "protocol_findings", "single_class_findings"]
 
 
 def _cmp(a: float, b: float, margin: float = 0.02) -> str:
@@ -66,6 +66,28 @@ def protocol_findings(table: dict, rows: dict | None = None) -> str:
                    f"{syn['seen']:.3f} seen / {syn['unseen']:.3f} unseen (harmonic {syn['harmonic']:.3f}; the paper: "
                    f"74.4 on real VOC), {ratio:.2f}× the {ref['seen']:.3f} that the same segmenter reaches on seen "
                    "classes when trained on labelled images of those classes (0 on unseen ones by construction).")
+    return " ".join(out)
+
+
+def single_class_findings(result, chosen_t: dict) -> str:
+    """The single-class protocol on real images (``result``: a :class:`~.grounding.single_class.SingleClassResult`
+    per method, ``chosen_t``: method -> the t validation chose), in words, with bootstrap intervals."""
+    rows = {m: (r.table()[m], r.interval(m)) for m, r in result.items()}
+    maps = {m: v for m, v in rows.items() if m != "grounding"}
+    best = max(maps, key=lambda m: maps[m][0]["miou"])
+    (b, (lo, hi)) = maps[best]
+    out = [f"**This run, one object per real image** ({len(result[best].classes)} test images): the best training-free "
+           f"map is {METHOD_LABELS.get(best, best)} at {b['miou']:.3f} mIoU [{lo:.3f}, {hi:.3f}] (t = {chosen_t[best]:g}, "
+           f"chosen on validation images; foreground IoU {b['fg_iou']:.3f})."]
+    for m, (r, (lo, hi)) in maps.items():
+        if m != best:
+            out.append(f"{METHOD_LABELS.get(m, m)}: {r['miou']:.3f} [{lo:.3f}, {hi:.3f}].")
+    if "grounding" in rows:
+        (g, (lo, hi)) = rows["grounding"]
+        out.append(f"The grounding module, trained on generated images only, reaches {g['miou']:.3f} [{lo:.3f}, {hi:.3f}], "
+                   f"{_cmp(g['miou'], b['miou'])} the best map.")
+    out.append("Published on ImageNet-Segmentation (real photographs, the same protocol): ConceptAttention with Flux "
+               "71.0, DAAM with SDXL 64.6, with SD 2 47.6.")
     return " ".join(out)
 
 

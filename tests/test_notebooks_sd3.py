@@ -15,8 +15,8 @@ from diffseg_utils.registry import TOY_SD3_DIR  # noqa: E402
 
 SMALL = {"N_FIDELITY": 16, "N_TRAIN": 8, "N_VAL": 8, "N_TEST": 8, "TIMESTEPS": [50, 300], "N_SPLITS": 1,
          "SWEEP_TIMESTEPS": [50, 300], "LABEL_SIZES": [2, 8], "N_IMAGES": 8, "LAMS": [10.0], "LAYERS": ["query"],
-         "T_MS": [281], "N_EVAL": 16, "N_TOKENS": 8, "N_SYNTH": 16, "N_SEG_TEST": 32, "N_CONCEPT_VAL": 8,
-         "CONCEPT_T": [500]}
+         "T_MS": [281], "N_EVAL": 16, "N_TOKENS": 8, "N_SYNTH": 16, "N_SEG_TEST": 32, "N_REAL_VAL": 8, "N_SINGLE": 16,
+         "REAL_T": [500]}
 
 
 def _metrics(root, nb):

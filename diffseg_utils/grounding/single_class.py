@@ -48,6 +48,13 @@ class SingleClassResult:
         return {m: {"miou": float(s[:, :2].mean()), "fg_iou": float(s[:, 0].mean()), "accuracy": float(s[:, 2].mean())}
                 for m, s in self.scores.items()}
 
+    def interval(self, method: str, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """95% percentile-bootstrap interval of the method's mIoU over images (resampled with replacement)."""
+        v = self.per_image_miou(method)
+        boot = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        return float(lo), float(hi)
+
     def per_image_miou(self, method: str) -> np.ndarray:
         """``(N,)`` each image's mIoU (for paired comparisons: :func:`~diffseg_utils.metrics.paired_difference`)."""
         return self.scores[method][:, :2].mean(1)

@@ -73,3 +73,24 @@ def build_tokenizer(out_dir: str | Path, model_max_length: int = 16):
             raise RuntimeError(f"word {w!r} did not become one token: {ids}")
     tok.save_pretrained(str(out))
     return tok
+
+
+
+def make_portable(pipeline_dir: str | Path) -> None:
+    """Make an exported pipeline readable by transformers 4 as well as 5 (same weights, same tokens).
+
+    transformers 5 saves a tokenizer as ``tokenizer.json`` only and a ``CLIPTextModel``'s weights without the
+    ``text_model.`` prefix; transformers 4's ``CLIPTokenizer`` needs ``vocab.json`` / ``merges.txt``, and its
+    ``CLIPTextModel`` would silently re-initialise unprefixed weights. Both versions read the prefixed names.
+    """
+    from safetensors.torch import load_file, save_file
+
+    root = Path(pipeline_dir)
+    for sub in sorted(root.glob("tokenizer*")):
+        if (sub / "tokenizer.json").exists():
+            build_tokenizer_files(sub)
+    for f in sorted(root.glob("text_encoder*/model.safetensors")):
+        sd = load_file(f)
+        if any(not k.startswith(("text_model.", "text_projection.")) for k in sd):
+            save_file({k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+                       for k, v in sd.items()}, f, metadata={"format": "pt"})

@@ -36,7 +36,7 @@ from ..metrics import psnr
 
 from .models import (MICRO, PIXEL_MICRO, PixelDDPMConfig, ToySDConfig, build_pixel_scheduler, build_pixel_unet,
                      build_scheduler, build_text_encoder, build_unet, build_vae)
-from .tokenizer import build_tokenizer
+from .tokenizer import make_portable, build_tokenizer
 from .world import CATEGORIES, caption_for, render
 
 
@@ -332,6 +332,7 @@ def export(work: Path, out: Path, cfg: ToySDConfig, unet_ckpt: Path | None = Non
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    make_portable(out)  # transformers 4 reads it too
     (out / "training_state.json").write_text(json.dumps({"unet_step": st["step"], "config": cfg.to_dict()}, indent=1))
 
 

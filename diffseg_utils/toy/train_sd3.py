@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import ToySD3Config, build_flow_scheduler, build_sd3_transformer
+from .tokenizer import make_portable
 
 
 def toy_text_encoder(toy_sd: Path):
@@ -166,6 +167,7 @@ def export_sd3(work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, ckpt: Pat
     pipe.transformer.load_state_dict(st["ema"])
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    make_portable(out)  # transformers 4 reads it too
     (out / "training_state.json").write_text(json.dumps({"step": int(st["step"]), "world": "shapes",
                                                          "config": cfg.to_dict()}, indent=1))
 
