@@ -142,6 +142,16 @@ def test_unet_resumed_run_equals_uninterrupted(tmp_path):
     train.train_unet(tmp_path / "b", cfg, steps=6, batch=4, lr=1e-3, log_every=2)
     a, b = _weights(tmp_path / "a" / "unet.pt"), _weights(tmp_path / "b" / "unet.pt")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the same with the caption's summary hidden in half the captions: resumes exactly, trains differently
+    for name in ("c", "e"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "latents.pt").write_bytes((work / "latents.pt").read_bytes())
+    train.train_unet(tmp_path / "c", cfg, steps=6, batch=4, lr=1e-3, log_every=2, p_hide=0.5)
+    train.train_unet(tmp_path / "e", cfg, steps=6, batch=4, lr=1e-3, log_every=2, stop_at=2, p_hide=0.5)
+    train.train_unet(tmp_path / "e", cfg, steps=6, batch=4, lr=1e-3, log_every=2, p_hide=0.5)
+    c, e = _weights(tmp_path / "c" / "unet.pt"), _weights(tmp_path / "e" / "unet.pt")
+    torch.testing.assert_close(c, e, rtol=0, atol=0)
+    assert any(not torch.equal(a[1][k], c[1][k]) for k in a[1])
 
 
 @pytest.mark.slow
@@ -205,3 +215,26 @@ def test_micro_mmdit_trains_resumes_exports_and_gates(tmp_path):
     train.main([*base, "--work", str(work), "--out", str(out), "--stage", "gate"])
     rec = json.loads((out / "gates.json").read_text())
     assert [r["step"] for r in rec["checkpoints"]] == [6] and 0 <= rec["checkpoints"][0]["fidelity_all_found"] <= 1
+    # a fine-tune that hides the caption's summary: starts from the checkpoint's weights, resumes exactly
+    for d in ("c", "e"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "latents.pt").write_bytes((work / "latents.pt").read_bytes())
+    ft = dict(kw, p_hide=0.5, init=work / "mmdit.pt", warmup=2)
+    train_mmdit(tmp_path / "c", TOY_SD_DIR, SD3_MICRO, **ft)
+    train_mmdit(tmp_path / "e", TOY_SD_DIR, SD3_MICRO, stop_at=2, **ft)
+    train_mmdit(tmp_path / "e", TOY_SD_DIR, SD3_MICRO, **ft)
+    c_st, e_st = (torch.load(tmp_path / d / "mmdit.pt", weights_only=True) for d in ("c", "e"))
+    torch.testing.assert_close(c_st["ema"], e_st["ema"], rtol=0, atol=0)
+    assert c_st["step"] == 6 and any(not torch.equal(c_st["ema"][k], a_st["ema"][k]) for k in a_st["ema"])
+
+
+def test_hide_summary_replaces_end_of_text_and_padding_of_flagged_rows():
+    from diffseg_utils.toy.train import hide_summary
+
+    ids = torch.tensor([[1, 5, 6, 9, 9], [1, 5, 9, 9, 9], [1, 9, 9, 9, 9]])
+    states = torch.arange(30.0).view(3, 5, 2)
+    empty = -torch.ones(1, 5, 2)
+    out = hide_summary(states, ids, 9, empty, torch.tensor([True, False, True]))
+    want = states.clone()
+    want[0, 3:], want[2, 1:] = -1, -1
+    assert torch.equal(out, want)

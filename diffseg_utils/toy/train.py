@@ -183,16 +183,31 @@ def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) ->
     return caps
 
 
+def hide_summary(states: torch.Tensor, ids: torch.Tensor, eos: int, empty_states: torch.Tensor,
+                 hide: torch.Tensor) -> torch.Tensor:
+    """Replace the *summary* of the captions flagged in ``hide`` by the empty prompt's.
+
+    ``states`` (B, L, D): the text encoder's output for token ids ``ids`` (B, L); ``empty_states`` (1, L, D): the
+    empty prompt's; ``hide`` (B,) bool. In a flagged row every position from the first ``eos`` on (end of text,
+    padding: a causal encoder lets these see every word) takes the empty prompt's state at that position; the
+    word states stay. Trained this way, a denoiser must read the class from the word tokens themselves
+    (``docs/experiments/toy_sd_word_binding.py`` measures why the toy SD does not).
+    """
+    after_text = (ids == eos).int().cumsum(1) > 0  # (B, L): the end-of-text token and what follows it
+    return torch.where((after_text & hide[:, None])[..., None], empty_states, states)
+
+
 def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, ema_decay: float = 0.999,
                p_drop: float = 0.1, snr_gamma: float = 5.0, log_every: int = 200, init_from: Path | None = None,
-               stop_at: int | None = None, seed: int = 0) -> None:
+               stop_at: int | None = None, seed: int = 0, p_hide: float = 0.0) -> None:
     """Train (or resume) the UNet and text encoder on cached latents.
 
     Resumes from ``work/unet.pt`` with every random state (noise generator, caption RNG), so an
     interrupted and resumed run reaches the same weights as one that never stopped; without it,
     from an exported pipeline ``init_from`` (its EMA weights, a fresh optimiser) so training can
     continue on a machine that lost the checkpoints. ``stop_at`` ends the run early at that step
-    (checkpointed), as an interruption would.
+    (checkpointed), as an interruption would. ``p_hide``: the share of captions whose summary is hidden
+    (:func:`hide_summary`; the empty prompt encoded by the text encoder being trained, in the same pass).
     """
     data = torch.load(work / "latents.pt", weights_only=True)
     tok = build_tokenizer(work / "tokenizer", model_max_length=cfg.max_tokens)
@@ -241,9 +256,14 @@ def train_unet(work: Path, cfg: ToySDConfig, steps: int, batch: int, lr: float, 
         t = torch.randint(0, 1000, (batch,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         zt = sched.add_noise(z0, eps, t)
-        ids = tok(_captions(data["classes"][idx], rng, p_drop), padding="max_length", max_length=cfg.max_tokens,
-                  truncation=True, return_tensors="pt").input_ids
-        pred = unet(zt, t, encoder_hidden_states=text(ids)[0]).sample
+        captions = _captions(data["classes"][idx], rng, p_drop)
+        ids = tok(captions + [""] * bool(p_hide), padding="max_length", max_length=cfg.max_tokens, truncation=True,
+                  return_tensors="pt").input_ids
+        states = text(ids)[0]
+        if p_hide:  # the empty prompt was encoded in the same pass, as the last row
+            hide = torch.from_numpy(rng.random(batch) < p_hide)
+            states = hide_summary(states[:-1], ids[:-1], tok.eos_token_id, states[-1:], hide)
+        pred = unet(zt, t, encoder_hidden_states=states).sample
         loss = (weight[t] * ((pred - eps) ** 2).mean((1, 2, 3))).mean()
         train_step(opt, loss, {"unet": unet, "text": text}, ema, step, ema_decay)
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
@@ -391,8 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mmdit-steps", type=int, default=16000)
     p.add_argument("--mmdit-batch", type=int, default=32)
     p.add_argument("--mmdit-lr", type=float, default=1e-3)
-    p.add_argument("--mmdit-hide-summary", type=float, default=0.0,
-                   help="share of captions whose end-of-text/padding states and pooled embedding are the empty prompt's")
+    p.add_argument("--hide-summary", type=float, default=0.0,
+                   help="share of captions whose end-of-text/padding states (and pooled embedding) are the empty prompt's")
     p.add_argument("--mmdit-init", type=Path, default=None,
                    help="fine-tune: start a fresh --work from this training checkpoint's weights and optimiser state")
     p.add_argument("--mmdit-warmup", type=int, default=300)
@@ -441,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run(a.stage, a.work, a.out, a.toy_sd or TOY_SD_DIR, SD3_MICRO if a.config == "micro" else ToySD3Config(),
             steps=a.mmdit_steps, batch=a.mmdit_batch, lr=a.mmdit_lr, num_latents=a.num_latents, stop_at=a.stop_at,
-            seed=a.seed, p_hide=a.mmdit_hide_summary, init=a.mmdit_init, warmup=a.mmdit_warmup)
+            seed=a.seed, p_hide=a.hide_summary, init=a.mmdit_init, warmup=a.mmdit_warmup)
         return
     cfg = MICRO if a.config == "micro" else ToySDConfig()
     if a.stage in ("all", "vae"):
@@ -449,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("all", "latents"):
         cache_latents(a.work, cfg, a.num_latents, exported=a.out)
     if a.stage in ("all", "unet"):
-        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr, init_from=a.out, seed=a.seed)
+        train_unet(a.work, cfg, a.unet_steps, a.unet_batch, a.unet_lr, init_from=a.out, seed=a.seed,
+                   p_hide=a.hide_summary)
     if a.stage in ("all", "decoder") and a.decoder_steps:
         train_vae(a.work, cfg, a.decoder_steps, a.vae_batch, a.vae_lr / 2, decoder_only=True)
     if a.stage in ("all", "export"):

@@ -68,20 +68,6 @@ def _captions(classes: torch.Tensor, rng: np.random.Generator, p_drop: float) ->
     return captions(classes, rng, p_drop)
 
 
-def hide_summary(cond: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor, eos: int, empty_cond: torch.Tensor,
-                 empty_pooled: torch.Tensor, hide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace the summary of the captions flagged in ``hide`` by the empty prompt's.
-
-    ``cond`` (B, L, D) and ``pooled`` (B, P): the pipeline's conditioning of the captions whose token
-    ids are ``ids`` (B, L); ``empty_cond`` (1, L, D), ``empty_pooled`` (1, P): the empty prompt's; ``hide`` (B,)
-    bool. In a flagged row every position from the first ``eos`` on (end of text, padding) takes the empty
-    prompt's state at that position, and the pooled embedding the empty prompt's; the word states stay.
-    """
-    after_text = (ids == eos).int().cumsum(1) > 0  # (B, L): the end-of-text token and what follows it
-    pos = (after_text & hide[:, None])[..., None]
-    return torch.where(pos, empty_cond, cond), torch.where(hide[:, None], empty_pooled, pooled)
-
-
 def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: int, lr: float, *,
                 ema_decay: float = 0.999, p_drop: float = 0.1, p_hide: float = 0.0, init: Path | None = None,
                 warmup: int = 300, min_lr: float = 0.1, log_every: int = 200, keep_every: int = 2000,
@@ -93,9 +79,9 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
     interrupted run reaches the same weights as one that never stopped. A fresh run starts from
     random weights, or from the weights, EMA and optimiser state of the training checkpoint ``init``
     (a fine-tune: the step count and the schedule start at 0). ``p_hide``: the share of non-empty
-    captions whose summary is hidden (:func:`hide_summary`).
+    captions whose summary is hidden (:func:`~diffseg_utils.toy.train.hide_summary`; the pooled embedding too).
     """
-    from .train import _log, _save, resume, train_step, warmup_cosine
+    from .train import _log, _save, hide_summary, resume, train_step, warmup_cosine
 
     data = torch.load(work / "latents.pt", weights_only=True)
     torch.manual_seed(seed)
@@ -143,7 +129,8 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
             ids = pipe.tokenizer(captions, padding="max_length", max_length=cond.shape[1], truncation=True,
                                  return_tensors="pt").input_ids
             hide = torch.from_numpy(rng.random(batch) < p_hide)
-            cond, pooled = hide_summary(cond, pooled, ids, pipe.tokenizer.eos_token_id, empty_cond, empty_pooled, hide)
+            cond = hide_summary(cond, ids, pipe.tokenizer.eos_token_id, empty_cond, hide)
+            pooled = torch.where(hide[:, None], empty_pooled, pooled)  # the pooled vector is the end-of-text state
         pred = model(xs, encoder_hidden_states=cond, pooled_projections=pooled, timestep=s * 1000).sample
         loss = F.mse_loss(pred, e - x0)
         train_step(opt, loss, {"model": model}, {"model": ema}, step, ema_decay)
