@@ -66,3 +66,13 @@ def test_fewshot_probe_names_an_unknown_place():
     bb = load_backbone("toy", device="cpu")
     with pytest.raises(ValueError, match="not a probed place; blocks: .*up_blocks"):
         fewshot_probe(bb, n_train=2, n_test=2, timesteps=(100,), at=("down_blocks.0", 100))
+    with pytest.raises(ValueError, match="would reach the validation images"):
+        fewshot_probe(bb, n_train=2, n_test=20, timesteps=(100,), at=("up_blocks.0", 100), test_start=9_990)
+
+
+def test_gates_score_validation_images_only():
+    """The training gates' probe images lie past the place-picking validation images, never in the test split."""
+    from diffseg_utils.datasets import PROCEDURAL_SPLIT_SIZE, VALIDATION_START
+    from diffseg_utils.toy.quality import GATE_START, VAL_START
+
+    assert VAL_START == VALIDATION_START and GATE_START >= VAL_START + 20 and GATE_START >= PROCEDURAL_SPLIT_SIZE

@@ -67,18 +67,21 @@ def gate_pixel(work: Path, out: Path, cfg, *, n_probe: int = 20, n_samples: int 
     from ..loading import load_backbone, untrained_like
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
-    from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb
+    from .quality import GATE_START, backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb
 
     protocol = {"n_probe": n_probe, "n_samples": n_samples, "seed": seed, "timesteps": list(timesteps),
-                "place": "best ridge probe on validation images", "main_parts": list(MAIN_PARTS)}
+                "place": "best ridge probe on validation images", "main_parts": list(MAIN_PARTS),
+                "scored_on": f"validation images (fewshot_test {GATE_START}+)"}
     path = out / "gates.json"
     rec = open_record(path, protocol)
     base = load_backbone(str(out), device="cpu")
     oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle-faces")
-    probe_kw = dict(n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed, world="faces", timesteps=timesteps)
+    probe_kw = dict(n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed, world="faces", timesteps=timesteps,
+                    test_start=GATE_START)
     if "untrained" not in rec:
         rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), **probe_kw).as_dict()
-        rgb_kw = dict(n_train=n_probe, n_test=n_probe, seed=seed, world="faces", size=base.resolution)
+        rgb_kw = dict(n_train=n_probe, n_test=n_probe, seed=seed, world="faces", size=base.resolution,
+                      test_start=GATE_START)
         rec["rgb"] = fewshot_probe_rgb(**rgb_kw).as_dict()
         rec["rgbxy"] = fewshot_probe_rgb(**rgb_kw, position=True).as_dict()
         path.write_text(json.dumps(rec, indent=1))

@@ -102,9 +102,14 @@ VAL_START = 10_000
 disjoint from the test images ``0 .. n_test - 1``."""
 
 
+GATE_START = VAL_START + 1_000
+"""The training gates score their probe on ``fewshot_test`` images from this index on: validation images (the
+notebooks' test images are 0 … 9 999) past the ones that pick places (:data:`VAL_START` …)."""
+
+
 def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_val: int = 20,
                   timesteps: tuple[int, ...] = (25, 100), at: tuple[str, int] | None = None, max_objects: int = 3,
-                  seed: int = 0, world: str = "shapes") -> ProbeReport:
+                  seed: int = 0, world: str = "shapes", test_start: int = 0) -> ProbeReport:
     """The toy model's few-shot probe (notebook 00; the target is mIoU >= 0.60, `TARGETS`).
 
     A closed-form ridge probe per up-block sub-module x ``timesteps`` (a *place*), fitted on
@@ -113,14 +118,19 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
     (trained on every labelled pixel) are scored on ``n_test`` held-out ``fewshot_test`` images.
     ``at`` fixes the place instead (to probe another backbone where the first one was probed);
     ``max_objects`` < 3 renders simpler scenes. ``table`` holds the validation sweep (none with ``at``).
-    ``world`` is the toy world the images come from ("shapes" or "faces").
+    ``world`` is the toy world the images come from ("shapes" or "faces"). ``test_start``: the first scored
+    ``fewshot_test`` image; the training gates pass :data:`GATE_START` so that no training decision reads an image
+    that a notebook reports a number on.
     """
     from .oracle import world_spec
 
     k = len(world_spec(world)[1]) + 1
     size = backbone.resolution
     tr = _draw(world, "fewshot_train", 0, n_train, max_objects, size)
-    te = _draw(world, "fewshot_test", 0, n_test, max_objects, size)
+    if test_start < VAL_START and test_start + n_test > VAL_START:
+        raise ValueError(f"scored images {test_start}..{test_start + n_test - 1} would reach the validation images "
+                         f"(fewshot_test {VAL_START} on) that pick the place")
+    te = _draw(world, "fewshot_test", test_start, n_test, max_objects, size)
     ups = backbone.feature_blocks()  # a UNet's decoder, every block of a DiT
     if at is not None and (at[0] not in ups or at[1] not in timesteps):
         raise ValueError(f"at={at!r} is not a probed place; blocks: {ups}, timesteps: {list(timesteps)}")
@@ -146,7 +156,7 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
 
 
 def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int = 3, seed: int = 0,
-                      world: str = "shapes", position: bool = False, size: int = 64) -> ProbeReport:
+                      world: str = "shapes", position: bool = False, size: int = 64, test_start: int = 0) -> ProbeReport:
     """:func:`fewshot_probe` on raw pixel colours (the floor every feature must beat);
     ``position=True`` adds the pixel's (x, y) (:func:`~diffseg_utils.baselines.rgbxy_features`)."""
     from ..baselines import rgbxy_features
@@ -154,7 +164,7 @@ def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int =
 
     k = len(world_spec(world)[1]) + 1
     tr = _draw(world, "fewshot_train", 0, n_train, max_objects, size)
-    te = _draw(world, "fewshot_test", 0, n_test, max_objects, size)
+    te = _draw(world, "fewshot_test", test_start, n_test, max_objects, size)
     feat = rgbxy_features if position else rgb_features
     as_maps = lambda b: feat(torch.from_numpy(b.images).permute(0, 3, 1, 2).float() / 255)  # noqa: E731
     f_tr, f_te = as_maps(tr), as_maps(te)

@@ -370,23 +370,23 @@ def gate(work: Path, out: Path, *, n_fidelity: int = 32, n_probe: int = 20, num_
     from ..registry import DATA_DIR
     from .oracle import OracleSegmenter
     from .gates import open_record, unmeasured_checkpoints
-    from .quality import backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb, prompt_fidelity
+    from .quality import GATE_START, backbone_from_checkpoint, fewshot_probe, fewshot_probe_rgb, prompt_fidelity
 
     protocol = {"n_fidelity": n_fidelity, "n_probe": n_probe, "num_steps": num_steps, "guidance": guidance_scale, "seed": seed,
-                "place": "best ridge probe on validation images"}
+                "place": "best ridge probe on validation images", "scored_on": f"validation images (fewshot_test {GATE_START}+)"}
     path = out / "gates.json"
     rec = open_record(path, protocol)
     base = load_backbone(str(out), device="cpu", **(options or {}))
     oracle = OracleSegmenter.load(oracle_dir or DATA_DIR / "oracle")
     if "untrained" not in rec:
         rec["untrained"] = fewshot_probe(untrained_like(base, seed=seed), n_train=n_probe, n_test=n_probe, n_val=n_probe,
-                                          seed=seed).as_dict()
-        rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed).as_dict()
+                                          seed=seed, test_start=GATE_START).as_dict()
+        rec["rgb"] = fewshot_probe_rgb(n_train=n_probe, n_test=n_probe, seed=seed, test_start=GATE_START).as_dict()
     for step, ckpt in tqdm(unmeasured_checkpoints(work, prefix, rec).items(), desc="gate"):
         t0 = time.time()
         bb = backbone_from_checkpoint(base, ckpt)
         fid = prompt_fidelity(bb, oracle, n=n_fidelity, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed)
-        probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed).as_dict()
+        probe = fewshot_probe(bb, n_train=n_probe, n_test=n_probe, n_val=n_probe, seed=seed, test_start=GATE_START).as_dict()
         rec["checkpoints"].append({"step": step, "fidelity_all_found": fid["all_found"],
                                    "object_hit_rate": fid["object_hit_rate"], **{f"probe_{k}": v for k, v in probe.items()},
                                    "seconds": round(time.time() - t0, 1)})
