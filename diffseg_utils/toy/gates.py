@@ -36,7 +36,10 @@ def unmeasured_checkpoints(work: Path, prefix: str, rec: dict) -> dict[int, Path
     """step -> file of every ``<prefix>_<step>.pt`` / ``<prefix>.pt`` in ``work`` not yet in ``rec``, by step."""
     done = {r["step"] for r in rec["checkpoints"]}
     files = [*work.glob(f"{prefix}_*.pt"), work / f"{prefix}.pt"]
-    steps = {int(torch.load(c, map_location="cpu", weights_only=True)["step"]): c for c in files if c.exists()}
+    def total(st: dict) -> int:  # a fine-tune's steps count from the start of the run it continued
+        return int(st["step"]) + int(st.get("init_step", 0))
+
+    steps = {total(torch.load(c, map_location="cpu", weights_only=True)): c for c in files if c.exists()}
     return {k: steps[k] for k in sorted(set(steps) - done)}
 
 

@@ -78,7 +78,8 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
     gradients clipped at 1. Resumes from ``work/mmdit.pt`` with every random state, so an
     interrupted run reaches the same weights as one that never stopped. A fresh run starts from
     random weights, or from the weights, EMA and optimiser state of the training checkpoint ``init``
-    (a fine-tune: the step count and the schedule start at 0). ``p_hide``: the share of non-empty
+    (a fine-tune: the step count and the schedule start at 0; checkpoints record ``init_step``, the steps
+    before it, so that gates and the export count steps from the very start). ``p_hide``: the share of non-empty
     captions whose summary is hidden (:func:`~diffseg_utils.toy.train.hide_summary`; the pooled embedding too).
     """
     from .train import _log, _save, hide_summary, resume, train_step, warmup_cosine
@@ -98,9 +99,10 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
             raise ValueError(f"--init {init} was trained with config {st['config']}, not {cfg.to_dict()}")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        ema, start, st = st["ema"], 0, {}
+        ema, start, init_step, st = st["ema"], 0, int(st["step"]) + int(st.get("init_step", 0)), {}
     else:
         ema, start, st = resume(ck, cfg, model, "model", opt, g)
+        init_step = int(st.get("init_step", 0))
     if p_hide:
         empty_cond, _, empty_pooled, _ = pipe.encode_prompt([""], prompt_2=None, prompt_3=None, device="cpu",
                                                             do_classifier_free_guidance=False,
@@ -140,9 +142,10 @@ def train_mmdit(work: Path, toy_sd: Path, cfg: ToySD3Config, steps: int, batch: 
         if (step + 1) % log_every == 0 or step + 1 == steps:
             _log(work, {"stage": "mmdit", "step": step + 1, "loss": run_loss, "lr": lr_at(step)})
             _save(ck, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step + 1, rng=g.get_state(),
-                  np_rng=json.dumps(rng.bit_generator.state), config=cfg.to_dict())
+                  np_rng=json.dumps(rng.bit_generator.state), config=cfg.to_dict(), init_step=init_step, p_hide=p_hide)
             if (step + 1) % keep_every == 0:
-                _save(work / f"mmdit_{step + 1}.pt", ema=ema, step=step + 1, config=cfg.to_dict())
+                _save(work / f"mmdit_{step + 1}.pt", ema=ema, step=step + 1, config=cfg.to_dict(), init_step=init_step,
+                      p_hide=p_hide)
         if stop_at is not None and step + 1 >= stop_at:
             break
 
@@ -155,8 +158,11 @@ def export_sd3(work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, ckpt: Pat
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     make_portable(out)  # transformers 4 reads it too
-    (out / "training_state.json").write_text(json.dumps({"step": int(st["step"]), "world": "shapes",
-                                                         "config": cfg.to_dict()}, indent=1))
+    state = {"step": int(st["step"]) + int(st.get("init_step", 0)), "world": "shapes", "config": cfg.to_dict()}
+    if st.get("init_step"):  # a fine-tune: its own steps after the run it started from
+        state["fine_tune"] = {"from_step": int(st["init_step"]), "steps": int(st["step"]),
+                              "hide_summary": float(st.get("p_hide", 0.0))}
+    (out / "training_state.json").write_text(json.dumps(state, indent=1))
 
 
 def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, steps: int, batch: int, lr: float,
