@@ -7,11 +7,71 @@ from __future__ import annotations
 
 from .grounding.plots import METHOD_LABELS
 
-__all__ = ["emerdiff_findings", "token_study_findings", "protocol_findings", "single_class_findings"]
+__all__ = ["emerdiff_findings", "fewshot_findings", "probe_findings", "protocol_findings", "representation_findings",
+           "single_class_findings", "token_study_findings"]
 
 
 def _cmp(a: float, b: float, margin: float = 0.02) -> str:
     return "above" if a > b + margin else "below" if a < b - margin else "level with"
+
+
+def probe_findings(probes: dict) -> str:
+    """Notebook 00: the one-member probe (``probes``: "trained" / "untrained" / "raw RGB" ... ->
+    :class:`~diffseg_utils.toy.quality.ProbeReport`) split into finding (fg IoU) and naming (class accuracy)."""
+    tr = probes["trained"]
+    un = probes.get("untrained")
+    finds = "finds the objects well" if tr.fg_iou >= 0.7 else "finds the objects only partly"
+    names = ("names them on most of their pixels" if tr.class_acc_on_fg >= 0.7 else
+             f"names them on {tr.class_acc_on_fg:.0%} of their pixels")
+    out = [f"**This run**: at its chosen place the trained denoiser's probe {finds} (fg IoU {tr.fg_iou:.3f}) and "
+           f"{names} (class acc | fg {tr.class_acc_on_fg:.3f}); MLP mIoU {tr.mlp:.3f}."]
+    if un is not None:
+        out.append(f"The untrained copy at its own place: fg IoU {un.fg_iou:.3f}, class acc | fg {un.class_acc_on_fg:.3f}, "
+                   f"mIoU {un.mlp:.3f}, so training added {tr.mlp - un.mlp:+.3f} mIoU.")
+    return " ".join(out)
+
+
+def representation_findings(scores: dict[str, float], best_t: int, best_block: str, rand_t: int,
+                            t_curve: dict[int, float], noise: str = "shared") -> str:
+    """Notebook 01: the chosen place against the floors (``scores``: the test mIoU of "trained denoiser, chosen
+    place", "untrained denoiser, its chosen place", "raw RGB", "raw RGBXY") and the noise-level trend (``t_curve``:
+    t -> mean validation mIoU over blocks, trained denoiser), in words."""
+    tr, un = scores["trained denoiser, chosen place"], scores["untrained denoiser, its chosen place"]
+    rgb, xy = scores["raw RGB"], scores["raw RGBXY"]
+    out = [f"**This run**: the validation images chose `{best_block}` at t = {best_t}; on the test images its probe "
+           f"scores {tr:.3f}, {_cmp(tr, un)} the untrained denoiser at its own place ({un:.3f}, t = {rand_t}) and "
+           f"{_cmp(tr, max(rgb, xy))} the colour floors ({rgb:.3f} colour, {xy:.3f} colour + position)."]
+    ts = sorted(t_curve)
+    lo, hi = ts[0], ts[-1]
+    out.append(f"Averaged over blocks, the validation probe goes from {t_curve[lo]:.3f} at t = {lo} to "
+               f"{t_curve[hi]:.3f} at t = {hi} (the paper: small t most semantic, t ≥ 800 nearly uninformative).")
+    if hi >= 900 and noise == "shared":
+        out.append(f"At t = {hi} the input is almost only DDPM-Seg's noise image, shared by every image, so the "
+                   "features differ little between images and a probe there mostly reads pixel position: compare it "
+                   f"with the colour + position floor ({xy:.3f}), not with zero.")
+    if rand_t >= 900:
+        out.append(f"The untrained denoiser's best place is at t = {rand_t}: there its features encode position, "
+                   "which is what it has to offer.")
+    return " ".join(out)
+
+
+def fewshot_findings(mean: dict[str, float], std: dict[str, float], names: dict[str, str], n_splits: int) -> str:
+    """Notebook 02: the ensemble's test mIoU per variant (``mean`` / ``std`` over ``n_splits`` splits, keyed by the
+    variant; ``names``: variant -> recorded key, e.g. "ddpm_miou", "untrained_miou", "rgb_miou", "rgbxy_miou",
+    "paper_t_miou", "single_block_miou"), in words."""
+    by = {k: v for v, k in names.items()}
+    d, u, r, xy = (mean[by[k]] for k in ("ddpm_miou", "untrained_miou", "rgb_miou", "rgbxy_miou"))
+    out = [f"**This run** ({n_splits} disjoint splits): the ensemble on the chosen DDPM features scores {d:.3f} ± "
+           f"{std[by['ddpm_miou']]:.3f}, {d - u:+.3f} over the untrained denoiser's same blocks ({u:.3f}) and "
+           f"{d - max(r, xy):+.3f} over the best colour floor ({r:.3f} colour, {xy:.3f} colour + position)."]
+    if "paper_t_miou" in by:
+        p = mean[by["paper_t_miou"]]
+        out.append(f"The paper's timesteps on the same blocks score {p:.3f}, {_cmp(p, d)} the validated choice.")
+    if "single_block_miou" in by:
+        s1 = mean[by["single_block_miou"]]
+        out.append(f"The single best place alone scores {s1:.3f}: concatenating places is "
+                   f"{'worth it' if d > s1 + 0.01 else 'not clearly better'} here.")
+    return " ".join(out)
 
 
 def token_study_findings(study) -> str:
