@@ -142,6 +142,9 @@ def single_class_findings(result, chosen_t: dict) -> str:
     for m, (r, (lo, hi)) in maps.items():
         if m != best:
             out.append(f"{METHOD_LABELS.get(m, m)}: {r['miou']:.3f} [{lo:.3f}, {hi:.3f}].")
+    floor = max(result[best].table(floors=True).items(), key=lambda kv: kv[1]["miou"])
+    out.append(f"Read it against the best mask that knows nothing, \"{floor[0]}\" at {floor[1]['miou']:.3f} mIoU "
+               f"(small objects leave a high background IoU): the best map is {_cmp(b['miou'], floor[1]['miou'])} it.")
     if "grounding" in rows:
         (g, (lo, hi)) = rows["grounding"]
         out.append(f"The grounding module, trained on generated images only, reaches {g['miou']:.3f} [{lo:.3f}, {hi:.3f}], "

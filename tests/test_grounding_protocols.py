@@ -177,6 +177,9 @@ def test_single_class_protocol_equals_a_plain_computation(sd3_micro):
         assert np.allclose(res.scores["concept_attention"][i], want, atol=1e-6)
     t = res.table()["concept_attention"]
     assert abs(t["miou"] - res.per_image_miou("concept_attention").mean()) < 1e-12
+    fl = res.table(floors=True)
+    gt = [(labels[i] == k).float().mean().item() for i, k in enumerate((1, 2, 1))]
+    assert fl["no object"]["fg_iou"] == 0 and abs(fl["whole image"]["accuracy"] - np.mean(gt)) < 0.01
     two = labels.clone()
     two[0, 0, 1] = 2
     with pytest.raises(ValueError, match="exactly one"):

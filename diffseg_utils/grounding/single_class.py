@@ -27,7 +27,10 @@ from .ground import ground
 from .module import GroundingModule, query_template
 from .protocols import attention_maps, attention_masks
 
-__all__ = ["SingleClassResult", "evaluate_single_class"]
+__all__ = ["FLOORS", "SingleClassResult", "evaluate_single_class"]
+
+FLOORS = ("no object", "whole image")
+"""Masks that know nothing: every pixel background, every pixel the object."""
 
 
 @dataclass
@@ -37,16 +40,20 @@ class SingleClassResult:
     scores:  method -> ``(N, 3)`` float64: foreground IoU, background IoU, pixel accuracy.
     classes: ``(N,)`` the class name of each image.
     t:       the noise level of the attention forward.
+    floors:  the same scores of masks that know nothing: :data:`FLOORS` -> ``(N, 3)``. With small objects
+             "no object" scores a high background IoU, so a map's mIoU is read against these, not against 0.
     """
 
     scores: dict[str, np.ndarray]
     classes: tuple[str, ...]
     t: float
+    floors: dict[str, np.ndarray]
 
-    def table(self) -> dict[str, dict[str, float]]:
-        """method -> {"miou": mean of (fg IoU + bg IoU) / 2, "fg_iou", "accuracy"}, means over images."""
+    def table(self, floors: bool = False) -> dict[str, dict[str, float]]:
+        """method -> {"miou": mean of (fg IoU + bg IoU) / 2, "fg_iou", "accuracy"}, means over images
+        (``floors=True``: the :data:`FLOORS`' rows instead)."""
         return {m: {"miou": float(s[:, :2].mean()), "fg_iou": float(s[:, 0].mean()), "accuracy": float(s[:, 2].mean())}
-                for m, s in self.scores.items()}
+                for m, s in (self.floors if floors else self.scores).items()}
 
     def interval(self, method: str, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
         """95% percentile-bootstrap interval of the method's mIoU over images (resampled with replacement)."""
@@ -96,6 +103,10 @@ def evaluate_single_class(backbone: Backbone, images: torch.Tensor, labels: torc
     template = query_template(backbone, module, template)
     cls = np.array([p[0] - 1 for p in present])
     out: dict[str, np.ndarray] = {}
+    y_all = labels.to(backbone.device)
+    valid_all, gt_all = y_all != ignore_index, y_all == torch.as_tensor(cls + 1, device=y_all.device)[:, None, None]
+    floors = {name: _scores(torch.full_like(gt_all, name == "whole image"), gt_all, valid_all).cpu().numpy().astype(np.float64)
+              for name in FLOORS}
     for c in np.unique(cls):
         name = class_names[c]
         for s in range(0, int((cls == c).sum()), batch_size):
@@ -115,4 +126,4 @@ def evaluate_single_class(backbone: Backbone, images: torch.Tensor, labels: torc
             valid, gt = y != ignore_index, y == c + 1
             for m, mask in masks.items():
                 out.setdefault(m, np.zeros((len(images), 3)))[idx.numpy()] = _scores(mask.to(y.device), gt, valid).cpu().numpy()
-    return SingleClassResult(out, tuple(class_names[c] for c in cls), float(t))
+    return SingleClassResult(out, tuple(class_names[c] for c in cls), float(t), floors)
