@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mmdit-init", type=Path, default=None,
                    help="fine-tune: start a fresh --work from this training checkpoint's weights and optimiser state")
     p.add_argument("--mmdit-warmup", type=int, default=300)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="--model sd3 --stage export: the kept checkpoint to export (default <work>/mmdit.pt)")
     p.add_argument("--stop-at", type=int, default=None, help="end training at this step (checkpointed), to resume later")
     p.add_argument("--config", default="default", choices=["default", "micro"])
     p.add_argument("--ddpm-steps", type=int, default=9000)
@@ -461,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run(a.stage, a.work, a.out, a.toy_sd or TOY_SD_DIR, SD3_MICRO if a.config == "micro" else ToySD3Config(),
             steps=a.mmdit_steps, batch=a.mmdit_batch, lr=a.mmdit_lr, num_latents=a.num_latents, stop_at=a.stop_at,
-            seed=a.seed, p_hide=a.hide_summary, init=a.mmdit_init, warmup=a.mmdit_warmup)
+            seed=a.seed, p_hide=a.hide_summary, init=a.mmdit_init, warmup=a.mmdit_warmup,
+            checkpoint=a.checkpoint)
         return
     cfg = MICRO if a.config == "micro" else ToySDConfig()
     if a.stage in ("all", "vae"):

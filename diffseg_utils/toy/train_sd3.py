@@ -167,7 +167,7 @@ def export_sd3(work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, ckpt: Pat
 
 def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, steps: int, batch: int, lr: float,
         num_latents: int, stop_at: int | None = None, seed: int = 0, p_hide: float = 0.0, init: Path | None = None,
-        warmup: int = 300) -> None:
+        warmup: int = 300, checkpoint: Path | None = None) -> None:
     """The ``--model sd3`` stages of ``python -m diffseg_utils.toy.train``."""
     from .models import ToySDConfig
     from .train import cache_latents
@@ -179,7 +179,7 @@ def run(stage: str, work: Path, out: Path, toy_sd: Path, cfg: ToySD3Config, *, s
         train_mmdit(work, toy_sd, cfg, steps, batch, lr, stop_at=stop_at, seed=seed, p_hide=p_hide, init=init,
                     warmup=warmup)
     if stage in ("all", "export"):
-        export_sd3(work, out, toy_sd, cfg)
+        export_sd3(work, out, toy_sd, cfg, ckpt=checkpoint)
     if stage == "gate":
         from .train import gate
 
