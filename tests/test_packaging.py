@@ -26,6 +26,18 @@ def test_environment_matches_pyproject():
                           f"only in environment.yml: {set(got.items()) - set(wanted.items())}"
 
 
+def test_ci_tests_the_declared_minimum_versions():
+    """The lower bounds pyproject.toml declares are the versions CI installs for its fast-suite leg."""
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    pinned = dict(re.findall(r'"([a-z]+)==([0-9.]+)"', ci))
+    for pkg in ("diffusers", "transformers", "accelerate"):
+        low = next(r for r in proj["dependencies"] if _name(r) == pkg).split(">=")[1].split(",")[0]
+        assert pkg in pinned, f".ci/run installs no pinned {pkg} for the minimum-versions leg"
+        assert pinned[pkg] in (low, low + ".0"), f"pyproject.toml declares {pkg}>={low} but CI tests {pkg}=={pinned[pkg]}"
+    assert '-m "not slow"' in ci.split("minimum")[-1], "the minimum-versions leg must run the fast suite"
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
