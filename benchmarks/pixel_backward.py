@@ -3,10 +3,11 @@
 One training step of the 10 stacked DDPM-Seg members (forward, backward, Adam), two ways, on the same
 parameters and batches:
 
-  hand      ``PixelEnsemble.train_step`` (the hand-written backward of ``pixel_classifier._train_step``) and the
-            ensemble's own Adam (``pixel_classifier._Adam``), as ``fit`` runs them;
+  hand      ``pixel_classifier._train_step`` (the hand-written backward, weight gradients into reused buffers) and
+            the ensemble's own Adam (``pixel_classifier._Adam``, fused where torch's fused Adam runs), as ``fit``
+            runs them;
   autograd  the same stacked network written with the same torch ops (``baddbmm``, batch statistics, affine,
-            log-softmax), ``loss.sum().backward()`` and ``torch.optim.Adam(foreach=True)`` on the stacked tensors.
+            log-softmax), ``loss.sum().backward()`` and ``torch.optim.Adam`` (fused likewise) on the stacked tensors.
 
 Settings (batch 64, 10 members, 11 classes, hidden (128, 32) as DDPM-Seg's K < 30 members): the input widths of
 the benchmark in ``benchmarks/ensemble.py``: 256 (bench), 576 (notebook 02 on the toy), 8448 (ADM-256 at its
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from diffseg_utils.pixel_classifier import EnsembleConfig, PixelEnsemble, _Adam
+from diffseg_utils.pixel_classifier import EnsembleConfig, PixelEnsemble, _Adam, _fused_adam_works, _train_step
 
 
 def autograd_step(P: list[torch.Tensor], R: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, cfg: EnsembleConfig):
@@ -50,10 +51,14 @@ def bench(dim: int, steps: int, seed: int = 0) -> dict:
     xs = [torch.randn(cfg.num_members, cfg.batch_size, dim, generator=g) for _ in range(8)]
     ys = [torch.randint(0, 11, (cfg.num_members, cfg.batch_size), generator=g) for _ in range(8)]
     hand = PixelEnsemble(cfg, dim)
-    opt_h = _Adam(hand.params(), cfg.lr, fused=False)
+    fused = _fused_adam_works(torch.device("cpu"))
+    H = [p.clone() for p in hand.params()]
+    RH = [r.clone() for r in hand.running_mean + hand.running_var]
+    gw = [torch.empty_like(w) for w in H[:3]]
+    opt_h = _Adam(H, cfg.lr, fused)
     P = [p.clone().requires_grad_(True) for p in hand.params()]
     R = [r.clone() for r in hand.running_mean + hand.running_var]
-    opt_a = torch.optim.Adam(P, lr=cfg.lr, foreach=True)
+    opt_a = torch.optim.Adam(P, lr=cfg.lr, fused=True) if fused else torch.optim.Adam(P, lr=cfg.lr, foreach=True)
     # the gradients agree (first step, same parameters)
     _, grads = hand.train_step(xs[0], ys[0])
     autograd_step(P, [r.clone() for r in R], xs[0], ys[0], cfg)
@@ -64,8 +69,8 @@ def bench(dim: int, steps: int, seed: int = 0) -> dict:
     for s in range(steps):
         x, y = xs[s % 8], ys[s % 8]
         t0 = time.perf_counter()
-        _, grads = hand.train_step(x, y)
-        opt_h.step(hand.params(), grads)
+        _, grads = _train_step(H, RH, x, y, cfg, gw_out=gw)
+        opt_h.step(H, grads)
         times["hand"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         opt_a.zero_grad(set_to_none=True)
@@ -74,7 +79,7 @@ def bench(dim: int, steps: int, seed: int = 0) -> dict:
         times["autograd"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v[steps // 10:]) for k, v in times.items()}   # the first tenth warms up
     return {"dim": dim, **{f"{k}_ms": 1e3 * v for k, v in med.items()}, "ratio": med["autograd"] / med["hand"],
-            "max_rel_grad_diff": diff}
+            "max_rel_grad_diff": diff, "fused": fused}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--dims", type=int, nargs="+", default=[256, 576, 8448])
     a = p.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per step of 10 members, batch 64")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fused Adam: {_fused_adam_works(torch.device('cpu'))}; "
+          "median ms per step of 10 members, batch 64")
     print(f"{'input dims':>10}{'hand':>10}{'autograd':>10}{'autograd / hand':>17}{'max rel. grad diff':>20}")
     for d in a.dims:
         r = bench(d, a.steps)
