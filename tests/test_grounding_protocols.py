@@ -184,6 +184,8 @@ def test_single_class_protocol_equals_a_plain_computation(sd3_micro):
     two[0, 0, 1] = 2
     with pytest.raises(ValueError, match="exactly one"):
         evaluate_single_class(sd3_micro, imgs, two, ["star", "ring"])
+    with pytest.raises(ValueError, match="nothing to score"):
+        evaluate_single_class(sd3_micro, imgs, labels, ["star", "ring"], maps=False)
 
 
 class LabelNet(torch.nn.Module):

@@ -80,7 +80,8 @@ def _scores(mask: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.
 def evaluate_single_class(backbone: Backbone, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], *,
                           module: GroundingModule | None = None, t: float = 500, template: str | None = None,
                           threshold: float = 0.4, background: str = "background", layers: Sequence[int] | None = None,
-                          seed: int = 0, batch_size: int = 16, num_steps: int = 20, ignore_index: int = 255) -> SingleClassResult:
+                          seed: int = 0, batch_size: int = 16, num_steps: int = 20, ignore_index: int = 255,
+                          maps: bool = True) -> SingleClassResult:
     """Score every map method of ``backbone`` (and the grounding ``module``) on one-object images.
 
     images: ``(N, 3, H, W)`` uint8 (or anything :meth:`Backbone.preprocess` takes, stacked);
@@ -90,6 +91,7 @@ def evaluate_single_class(backbone: Backbone, images: torch.Tensor, labels: torc
     template: the prompt template (default: the module's / the backbone's).
     layers: MM-DiT joint blocks to average (default every eligible one).
     num_steps: the sampler length whose ``feature_step`` timestep the grounding module's features use.
+    maps:   False scores the grounding ``module`` alone (its masks do not depend on ``t``: no attention forward).
     """
     class_names = tuple(class_names)
     labels = torch.as_tensor(labels)
@@ -100,6 +102,8 @@ def evaluate_single_class(backbone: Backbone, images: torch.Tensor, labels: torc
     if bad:
         raise ValueError(f"images {bad[:5]} do not hold exactly one of the {len(class_names)} classes (found "
                          f"{[present[i] for i in bad[:5]]}); the single-class protocol needs one object per image")
+    if not maps and module is None:
+        raise ValueError("nothing to score: give a grounding module, or maps=True for the attention maps")
     template = query_template(backbone, module, template)
     cls = np.array([p[0] - 1 for p in present])
     out: dict[str, np.ndarray] = {}
@@ -111,14 +115,16 @@ def evaluate_single_class(backbone: Backbone, images: torch.Tensor, labels: torc
         name = class_names[c]
         for s in range(0, int((cls == c).sum()), batch_size):
             idx = torch.as_tensor(np.flatnonzero(cls == c)[s:s + batch_size])
-            x, geo = backbone.preprocess(images[idx], return_geometry=True)
-            z0 = backbone.encode(x)
-            prompts = [template.format(name)] * len(idx)
-            eps = make_noise(backbone, len(idx), "shared", seed)
-            with attention_maps(backbone, cfg_batch=False, concepts=[name, background], layers=layers) as cam:
-                backbone.predict(backbone.add_noise(z0, t, eps), t, backbone.encode_prompt(prompts))
-            masks = {m: restore_labels(v[:, 0].to(torch.uint8), geo).bool()
-                     for m, v in attention_masks(cam, prompts, [[name]] * len(idx), x.shape[-1], threshold).items()}
+            masks = {}
+            if maps:
+                x, geo = backbone.preprocess(images[idx], return_geometry=True)
+                z0 = backbone.encode(x)
+                prompts = [template.format(name)] * len(idx)
+                eps = make_noise(backbone, len(idx), "shared", seed)
+                with attention_maps(backbone, cfg_batch=False, concepts=[name, background], layers=layers) as cam:
+                    backbone.predict(backbone.add_noise(z0, t, eps), t, backbone.encode_prompt(prompts))
+                masks = {m: restore_labels(v[:, 0].to(torch.uint8), geo).bool()
+                         for m, v in attention_masks(cam, prompts, [[name]] * len(idx), x.shape[-1], threshold).items()}
             if module is not None:
                 masks["grounding"] = ground(backbone, module, images[idx], [name], template=template, seed=seed,
                                             num_steps=num_steps).masks[:, 0]
