@@ -21,7 +21,7 @@
 """
 from .attention_maps import daam_segment
 from .backbones import Backbone, BlockInfo, Conditioning, adm_blocks, adm_output_block
-from .baselines import baseline_features, rgbxy_features
+from .baselines import FLOORS, baseline_features, floor_features, position_features, rgbxy_features
 from .datasets import (DDPMSEG_DATASETS, DatasetConfig, FewShotData, Sample, SegmentationDataset, SegmentationSplit,
                        fewshot_splits, list_datasets, load_dataset)
 from .ddpmseg import FewShotSegmenter, SegmentationResult, fewshot_miou
@@ -38,14 +38,14 @@ from .registry import list_backbones
 from .selection import PlaceChoice, choose_places, decoder_blocks
 
 __all__ = [
-    "Backbone", "BlockInfo", "Conditioning", "DatasetConfig", "DDPMSEG_DATASETS", "FeatureMaps", "FewShotData",
+    "FLOORS", "Backbone", "BlockInfo", "Conditioning", "DatasetConfig", "DDPMSEG_DATASETS", "FeatureMaps", "FewShotData",
     "FewShotSegmenter", "Geometry", "GroundingResult", "ImageLike", "JointAttentionMaps", "JointMapsResult",
     "PairedDifference", "PlaceChoice", "ProbeTable", "Sample", "SegmentationDataset", "SegmentationResult",
     "SegmentationSplit", "WeightsNotAvailableError", "adm_blocks", "adm_output_block", "baseline_features",
     "choose_places", "concept_attention", "concept_attention_miou", "daam_segment", "ddpmseg_miou",
-    "decoder_blocks", "emerdiff_segment", "extract_features", "fewshot_miou", "fewshot_splits", "geometry_of",
+    "decoder_blocks", "emerdiff_segment", "extract_features", "fewshot_miou", "floor_features", "fewshot_splits", "geometry_of",
     "ground", "has_joint_blocks", "hungarian_miou", "joint_blocks", "list_backbones", "list_datasets",
-    "load_backbone", "load_dataset", "mean_iou", "paired_difference", "prepare_images", "prepare_labels",
+    "load_backbone", "load_dataset", "mean_iou", "paired_difference", "position_features", "prepare_images", "prepare_labels",
     "probe_features", "probe_grid", "restore_labels", "rgb_features", "rgbxy_features", "untrained_like",
 ]
 __version__ = "0.1.0"

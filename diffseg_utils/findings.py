@@ -34,10 +34,10 @@ def probe_findings(probes: dict) -> str:
 def representation_findings(scores: dict[str, float], best_t: int, best_block: str, rand_t: int,
                             t_curve: dict[int, float], noise: str = "shared") -> str:
     """Notebook 01: the chosen place against the floors (``scores``: the test mIoU of "trained denoiser, chosen
-    place", "untrained denoiser, its chosen place", "raw RGB", "raw RGBXY") and the noise-level trend (``t_curve``:
+    place", "untrained denoiser, its chosen place", "raw RGB", "raw RGB + position") and the noise-level trend (``t_curve``:
     t -> mean validation mIoU over blocks, trained denoiser), in words."""
     tr, un = scores["trained denoiser, chosen place"], scores["untrained denoiser, its chosen place"]
-    rgb, xy = scores["raw RGB"], scores["raw RGBXY"]
+    rgb, xy = scores["raw RGB"], scores["raw RGB + position"]
     out = [f"**This run**: the validation images chose `{best_block}` at t = {best_t}; on the test images its probe "
            f"scores {tr:.3f}, {_cmp(tr, un)} the untrained denoiser at its own place ({un:.3f}, t = {rand_t}) and "
            f"{_cmp(tr, max(rgb, xy))} the colour floors ({rgb:.3f} colour, {xy:.3f} colour + position)."]

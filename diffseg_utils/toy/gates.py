@@ -8,7 +8,7 @@
   (:data:`MAIN_PARTS`, each at least ``min_pixels`` pixels);
 * **probe**: :func:`~diffseg_utils.toy.quality.fewshot_probe` on the faces world (ridge sweep on
   validation images picks the place; one DDPM-Seg member MLP on 20 labelled images, scored on 20
-  test images), and once the same probe on an untrained UNet, raw RGB and RGB + (x, y).
+  test images), and once the same probe on an untrained UNet, raw RGB and RGB + position.
 """
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def fewshot_probe(backbone: Backbone, *, n_train: int = 20, n_test: int = 20, n_
 def fewshot_probe_rgb(*, n_train: int = 20, n_test: int = 20, max_objects: int = 3, seed: int = 0,
                       world: str = "shapes", position: bool = False, size: int = 64, test_start: int = 0) -> ProbeReport:
     """:func:`fewshot_probe` on raw pixel colours (the floor every feature must beat);
-    ``position=True`` adds the pixel's (x, y) (:func:`~diffseg_utils.baselines.rgbxy_features`)."""
+    ``position=True`` adds the pixel's position (random Fourier features of (x, y), :func:`~diffseg_utils.baselines.rgbxy_features`)."""
     from ..baselines import rgbxy_features
     from .oracle import world_spec
 
@@ -247,7 +247,7 @@ def quality_report(backbone: Backbone, *, seed: int = 0, n_fidelity: int = 64, g
     probes = {"trained": fewshot_probe(backbone, **kw), "untrained": fewshot_probe(untrained_like(backbone, seed), **kw),
               "raw RGB": fewshot_probe_rgb(seed=seed, world=world, size=backbone.resolution)}
     if world == "faces":
-        probes["raw RGB + (x, y)"] = fewshot_probe_rgb(seed=seed, world=world, size=backbone.resolution, position=True)
+        probes["raw RGB + position"] = fewshot_probe_rgb(seed=seed, world=world, size=backbone.resolution, position=True)
     rows += [("probe_mlp", probes["trained"].mlp), ("probe_gap", probes["trained"].mlp - probes["untrained"].mlp)]
     return {"dataset": backbone.dataset, "probes": probes,
             "rows": [(k, float(v), targets.get(k), _met(v, targets[k]) if k in targets else None) for k, v in rows]}
