@@ -106,6 +106,18 @@ def test_missed_classes_are_invalid_never_empty_negatives():
     assert torch.equal(masks[1, 0], FakeSegmenter().masks[1, 0])
 
 
+def test_a_labeler_restricted_to_some_classes_leaves_the_others_unlabelled():
+    """Protocol II's ablation: the segmenter may name only the seen classes; an unseen one it finds stays unlabelled."""
+    batch = GeneratedBatch(torch.zeros(2, 3, 8, 8), {}, ["", ""], 1)
+    full = SegmenterLabeler(FakeSegmenter())(batch, [["a", "b"], ["b", "a"]])
+    lab = SegmenterLabeler(FakeSegmenter(), classes=["a"])
+    masks, valid = lab(batch, [["a", "b"], ["b", "a"]])
+    assert full[1].tolist() == [[True, False], [True, True]]
+    assert valid.tolist() == [[True, False], [False, True]]
+    assert torch.equal(masks[valid], full[0][valid]) and not masks[~valid].any()
+    assert lab.config["classes"] == ["a"] and "classes" not in SegmenterLabeler(FakeSegmenter()).config
+
+
 def test_shards_hold_what_generate_with_features_returns(toy, oracle_labeler, tmp_path):
     classes = list(SEEN_CATEGORIES)
     synthesize(toy, oracle_labeler, tmp_path, num_samples=4, class_names=classes, shard_size=4, batch_size=4,

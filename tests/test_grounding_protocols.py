@@ -234,3 +234,32 @@ def test_fit_and_evaluate_segmenter_known_answers_and_errors():
     with pytest.raises(TypeError, match="uint8"):
         fit_segmenter(xs.float(), ys, 11, net=segmenter_net(k, width=4), steps=1, progress=False)
     assert harmonic(0.5, 0.5) == 0.5 and harmonic(0.4, 0.0) == 0.0
+
+
+def test_segmenter_augmentation_moves_images_and_labels_together():
+    from diffseg_utils.grounding.protocols import _translate
+
+    x = torch.arange(32.0).reshape(1, 2, 4, 4)
+    y = torch.arange(16).reshape(1, 4, 4)
+    for dy, dx in [(1, 0), (0, -2), (-1, 1)]:
+        xt, yt = _translate(x, y, dy, dx, 255)
+        keep = yt != 255
+        # a kept label still sits on its own pixel value: image and label moved by the same (dy, dx)
+        assert torch.equal(xt[:, 0][keep], yt[keep].float())
+        assert int(keep.sum()) == (4 - abs(dy)) * (4 - abs(dx))
+    assert _translate(x, y, 0, 0, 255)[1] is y
+
+
+def test_fit_segmenter_checks_its_augmentation_and_ignored_labels():
+    from diffseg_utils.toy.grounding_defaults import ground_truth_seen_dataset, segmenter_net
+    from diffseg_utils.toy.world import SEEN_CATEGORIES
+
+    xs, ys = ground_truth_seen_dataset(4, SEEN_CATEGORIES[:2])
+    k = 11
+    net = fit_segmenter(xs, torch.where(ys > 0, 255, ys), k, net=segmenter_net(k, width=4), steps=2, shift=4,
+                        permute_channels=True, progress=False)  # ignored pixels (255) are allowed, not trained on
+    assert not net.training
+    with pytest.raises(ValueError, match="nothing to train on"):
+        fit_segmenter(xs, torch.full_like(ys, 255), k, net=segmenter_net(k, width=4), steps=1, progress=False)
+    with pytest.raises(ValueError, match="shift"):
+        fit_segmenter(xs, ys, k, net=segmenter_net(k, width=4), steps=1, shift=64, progress=False)

@@ -68,14 +68,18 @@ class SegmenterLabeler:
     has an empty mask gets ``valid=False`` (the paper: Mask R-CNN, score >= 0.05, no loss for
     missed classes). Masks are resized (nearest) to the image size when the segmenter's differ.
     ``name`` (default: the segmenter's ``name`` attribute, else its class name) goes into the
-    manifest.
+    manifest. ``classes``: label only these prompted classes (the others get ``valid=False`` and so read
+    as background in index masks), e.g. the seen classes, for a data set made without the grounding module.
     """
 
-    def __init__(self, segmenter, min_score: float = 0.05, name: str | None = None):
+    def __init__(self, segmenter, min_score: float = 0.05, name: str | None = None,
+                 classes: Sequence[str] | None = None):
         self.segmenter = segmenter
         self.min_score = float(min_score)
+        self.classes = None if classes is None else frozenset(classes)
         name = name or getattr(segmenter, "name", None) or type(segmenter).__name__
-        self.config = {"name": name, "min_score": self.min_score}
+        self.config = {"name": name, "min_score": self.min_score,
+                       **({} if classes is None else {"classes": sorted(self.classes)})}
 
     def __repr__(self) -> str:
         return f"SegmenterLabeler({self.config['name']}, min_score={self.min_score})"
@@ -95,8 +99,8 @@ class SegmenterLabeler:
         for i, sample_names in enumerate(names):
             for j, name in enumerate(sample_names):
                 ks = [k for k, c in enumerate(seg_names) if c == name]
-                if not ks:
-                    continue  # the segmenter does not know this class: no label, no loss
+                if not ks or (self.classes is not None and name not in self.classes):
+                    continue  # the segmenter does not know this class (or may not name it): no label, no loss
                 k = ks[int(scores[i, ks].argmax())]
                 if scores[i, k] >= self.min_score and seg_masks[i, k].any():
                     masks[i, j] = seg_masks[i, k]

@@ -214,6 +214,17 @@ def evaluate_on_generations(
 
 
 # ----------------------------------------------------------------- protocol II: a segmenter trained on synthetic data
+def _translate(x: torch.Tensor, y: torch.Tensor, dy: int, dx: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) and labels (B, H, W) moved by (dy, dx) pixels: edge pixels repeated, their labels ignored."""
+    h, w = x.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    if not p:
+        return x, y
+    x = F.pad(x, (p, p, p, p), mode="replicate")[..., p - dy:p - dy + h, p - dx:p - dx + w]
+    y = F.pad(y, (p, p, p, p), value=ignore_index)[..., p - dy:p - dy + h, p - dx:p - dx + w]
+    return x, y
+
+
 def fit_segmenter(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -223,20 +234,32 @@ def fit_segmenter(
     steps: int = 600,
     batch_size: int = 32,
     lr: float = 2e-3,
+    shift: int = 0,
+    permute_channels: bool = False,
+    ignore_index: int = 255,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> torch.nn.Module:
     """Train the segmenter ``net`` on ``images`` (N, 3, H, W) uint8 and ``labels`` (N, H, W) ints in
-    0..num_classes-1; random horizontal flips; AdamW with a cosine learning rate. Returns it in eval mode.
+    0..num_classes-1 (``ignore_index``: not trained on); AdamW with a cosine learning rate. Returns it in eval mode.
 
+    Augmentation, drawn per batch: a horizontal flip (p = 0.5); with ``shift`` > 0 a translation by up to
+    ``shift`` pixels each way (edge pixels repeated, labels there ignored); with ``permute_channels`` the RGB
+    channels in a random order (label-preserving only where colour does not name the class, as in the toy world).
     net:    any module mapping (B, 3, H, W) float in [-1, 1] to (B, num_classes, H, W) logits (the
             toy's: :func:`diffseg_utils.toy.grounding_defaults.segmenter_net`).
     device: where it trains (default: where ``net`` is); batches are moved there one at a time,
             so the data set may stay on the CPU.
     """
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must be in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    scored = labels[labels != ignore_index]
+    if not scored.numel():
+        raise ValueError(f"every label is ignore_index={ignore_index}: nothing to train on")
+    if scored.min() < 0 or scored.max() >= num_classes:
+        raise ValueError(f"labels must be in 0..{num_classes - 1} (or ignore_index={ignore_index}), got "
+                         f"{int(scored.min())}..{int(scored.max())}")
+    if shift < 0 or shift >= min(images.shape[-2:]):
+        raise ValueError(f"shift must be in 0..{min(images.shape[-2:]) - 1} pixels, got {shift}")
     if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
     if images.dtype != torch.uint8:
@@ -255,7 +278,12 @@ def fit_segmenter(
         y = labels[idx].to(dev).long()
         if torch.rand((), generator=g) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
-        loss = F.cross_entropy(net(x), y)
+        if permute_channels:
+            x = x[:, torch.randperm(3, generator=g).to(dev)]
+        if shift:
+            dy, dx = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
+            x, y = _translate(x, y, dy, dx, ignore_index)
+        loss = F.cross_entropy(net(x), y, ignore_index=ignore_index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
