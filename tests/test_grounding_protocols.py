@@ -263,3 +263,41 @@ def test_fit_segmenter_checks_its_augmentation_and_ignored_labels():
         fit_segmenter(xs, torch.full_like(ys, 255), k, net=segmenter_net(k, width=4), steps=1, progress=False)
     with pytest.raises(ValueError, match="shift"):
         fit_segmenter(xs, ys, k, net=segmenter_net(k, width=4), steps=1, shift=64, progress=False)
+
+
+def test_protocol_two_curve_trains_every_source_and_round_trips(tmp_path):
+    """The curve on the shipped toy SD at toy size: every source x size is trained and scored; the seen-only
+    labeler leaves unseen classes out of its labels; kept segmenters load back to the same scores."""
+    import json
+
+    from diffseg_utils import load_backbone
+    from diffseg_utils.grounding.module import GroundingModule
+    from diffseg_utils.grounding.protocol_two import SOURCES, load_segmenters, protocol_two_curve, save_segmenter
+    from diffseg_utils.toy.grounding_defaults import TOY, protocol_two_test_set
+    from diffseg_utils.toy.world import CATEGORIES, SEEN_CATEGORIES
+
+    bb = load_backbone("toy", device="cpu")
+    gm = GroundingModule.load(TOY.checkpoint, device=bb)
+    settings = dict(steps=2, batch_size=4)
+    results, nets = protocol_two_curve(bb, TOY, gm, sizes=[6, 3], work=tmp_path / "work", n_test=6,
+                                       settings=settings, num_steps=2, progress=False)
+    assert set(results) == set(SOURCES) and all(sorted(v) == [3, 6] for v in results.values())
+    assert all({"seen", "unseen", "harmonic", "seconds"} <= set(r) for v in results.values() for r in v.values())
+    seen_ids = {CATEGORIES.index(c) + 1 for c in SEEN_CATEGORIES}
+    from diffseg_utils.grounding.shards import GroundingShards
+
+    (seg_dir,) = (tmp_path / "work").glob("segmenter_seen_*")
+    assert set(GroundingShards(seg_dir, features=False).index_masks().unique().tolist()) <= seen_ids | {0}
+    out = tmp_path / "out"
+    out.mkdir()
+    save_segmenter(nets[("grounded", 6)], out / "grounded_6.safetensors")
+    (out / "results.json").write_text(json.dumps({"results": results, "kept": [["grounded", 6]]}))
+    loaded_results, loaded = load_segmenters(out, TOY)
+    x, y = protocol_two_test_set(6, CATEGORIES)
+    assert loaded_results["grounded"][6]["seen"] == results["grounded"][6]["seen"]
+    assert evaluate_segmenter(loaded[("grounded", 6)], x, y, CATEGORIES, SEEN_CATEGORIES)["seen"] == \
+        results["grounded"][6]["seen"]
+    with pytest.raises(FileNotFoundError, match="protocol_two"):
+        load_segmenters(tmp_path / "nothing", TOY)
+    with pytest.raises(ValueError, match="sizes"):
+        protocol_two_curve(bb, TOY, gm, sizes=[], work=tmp_path / "w2", settings=settings, progress=False)

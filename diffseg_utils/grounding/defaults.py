@@ -39,6 +39,8 @@ class GroundingDefaults:
     single_object_set: ``(n, class_names, part) -> (images, labels)``, one object per image, ``part`` "validation"
                        or "test": the single-class protocol's real images
                        (:func:`~diffseg_utils.grounding.single_class.evaluate_single_class`).
+    protocol_two:      a folder written by ``python -m diffseg_utils.grounding.protocol_two`` for this backbone
+                       (``results.json`` and the kept segmenters), read by notebook 04.
     """
 
     class_sets: Mapping[str, tuple[str, ...]]
@@ -53,6 +55,7 @@ class GroundingDefaults:
     protocol_two_test_set: Callable[..., Any] | None = None
     ground_truth_seen_dataset: Callable[..., Any] | None = None
     single_object_set: Callable[..., Any] | None = None
+    protocol_two: Path | None = None
 
     def __post_init__(self):
         missing = {"seen", "unseen", "all"} - set(self.class_sets)

@@ -146,8 +146,10 @@ TOY = GroundingDefaults(
     class_sets=CLASS_SETS, segmenter=segmenter, checkpoint=CHECKPOINT, module_config=module_config,
     labelers=LABELERS, default_labeler="oracle", provenance=provenance, segmenter_settings=SEGMENTER_SETTINGS,
     segmenter_net=segmenter_net, protocol_two_test_set=protocol_two_test_set,
-    ground_truth_seen_dataset=ground_truth_seen_dataset, single_object_set=single_object_set)
+    ground_truth_seen_dataset=ground_truth_seen_dataset, single_object_set=single_object_set,
+    protocol_two=DATA_DIR / "grounding" / "protocol_two")
 """The toy SD's grounding defaults (its module: ``data/grounding/grounding.pt``)."""
 
-TOY_SD3 = replace(TOY, checkpoint=CHECKPOINT_SD3, provenance=provenance_sd3)
+TOY_SD3 = replace(TOY, checkpoint=CHECKPOINT_SD3, provenance=provenance_sd3,
+                  protocol_two=DATA_DIR / "grounding" / "toy-sd3" / "protocol_two")
 """The toy MM-DiT's: the same world and settings, its own module (``data/grounding/toy-sd3/grounding.pt``)."""
