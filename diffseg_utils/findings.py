@@ -104,8 +104,10 @@ def token_study_findings(study) -> str:
 
 
 def protocol_findings(table: dict, rows: dict | None = None) -> str:
-    """Protocol I (``table``: method -> {seen, unseen, harmonic}) and, when given, protocol II (``rows``:
-    "synthetic, all classes" / "ground truth, seen only" -> {seen, unseen, harmonic}) in words."""
+    """Protocol I (``table``: method -> {seen, unseen, harmonic}) and, when given, protocol II (``rows``: the
+    training sets of :data:`~.grounding.protocol_two.SOURCES` -> {seen, unseen, harmonic}) in words, with the
+    targets: synthetic seen >= 0.7 x the ground-truth reference, synthetic unseen >= 0.30 and above the seen-only
+    ablation (its floor)."""
     g = table["grounding"]
     others = {m: r for m, r in table.items() if m != "grounding"}
     best = max(others, key=lambda m: others[m]["unseen"])
@@ -120,12 +122,16 @@ def protocol_findings(table: dict, rows: dict | None = None) -> str:
     gap = g["unseen"] - g["seen"]
     out.append(f"Unseen categories score {abs(gap):.3f} {'above' if gap >= 0 else 'below'} seen ones.")
     if rows:
-        syn, ref = rows["synthetic, all classes"], rows["ground truth, seen only"]
+        syn, abl, ref = rows["grounded"], rows["segmenter_seen"], rows["truth_seen"]
         ratio = syn["seen"] / ref["seen"] if ref["seen"] > 0 else float("nan")
+        met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
         out.append(f"\n\n**Protocol II, this run**: the segmenter trained on grounded synthetic data scores "
                    f"{syn['seen']:.3f} seen / {syn['unseen']:.3f} unseen (harmonic {syn['harmonic']:.3f}; the paper: "
-                   f"74.4 on real VOC), {ratio:.2f}× the {ref['seen']:.3f} that the same segmenter reaches on seen "
-                   "classes when trained on labelled images of those classes (0 on unseen ones by construction).")
+                   f"74.4 harmonic on real VOC with a full-size segmenter). On seen classes that is {ratio:.2f}× the "
+                   f"{ref['seen']:.3f} the same segmenter reaches trained on ground truth of seen classes (target ≥ 0.7×: "
+                   f"{met(ratio >= 0.7)}). On unseen classes it is {_cmp(syn['unseen'], abl['unseen'])} the "
+                   f"{abl['unseen']:.3f} of the same generations labelled without the module, seen classes only "
+                   f"(target ≥ 0.30 and above that floor: {met(syn['unseen'] >= 0.30 and syn['unseen'] > abl['unseen'])}).")
     return " ".join(out)
 
 

@@ -25,7 +25,7 @@ from .features import feature_groups
 from .ground import GroundingResult, ground, ground_explorer
 from .labelers import GroundingLabeler, SegmenterLabeler, weights_fingerprint
 from .module import GroundingModule, class_embeddings
-from .plots import show_loss, show_protocol_one, show_shards, show_token_study
+from .plots import show_loss, show_protocol_one, show_protocol_two, show_shards, show_token_study
 from .prompts import PAPER_TEMPLATE, prompt_template
 from .protocol_two import SOURCES as PROTOCOL_TWO_SOURCES, load_segmenters, protocol_two_curve
 from .protocols import evaluate_on_generations, evaluate_segmenter, fit_segmenter
@@ -36,5 +36,5 @@ from .train import train_grounding
 __all__ = ["GroundingDefaults", "GroundingLabeler", "GroundingModule", "GroundingResult", "GroundingShards",
            "PAPER_TEMPLATE", "PROTOCOL_TWO_SOURCES", "SegmenterLabeler", "SingleClassResult", "class_embeddings", "cross_attention_tokens", "evaluate_on_generations",
            "evaluate_segmenter", "evaluate_single_class", "export_segmentation_dataset", "feature_groups", "fit_segmenter", "ground",
-           "ground_explorer", "load_segmenters", "prompt_template", "protocol_two_curve", "resolve_defaults", "show_loss", "show_protocol_one", "show_shards",
+           "ground_explorer", "load_segmenters", "prompt_template", "protocol_two_curve", "resolve_defaults", "show_loss", "show_protocol_one", "show_protocol_two", "show_shards",
            "show_token_study", "synthesize", "train_grounding", "weights_fingerprint"]

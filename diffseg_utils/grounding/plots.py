@@ -115,3 +115,27 @@ def show_loss(history: list[dict], ax=None):
     ax.set_title("grounding module training (seen classes only)", fontsize=9)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def show_protocol_two(curve: dict):
+    """Protocol II's curve (``curve[source][n]``: :func:`~.protocol_two.protocol_two_curve`'s results): seen and unseen
+    mIoU against the training-set size, one line per training set."""
+    import matplotlib.pyplot as plt
+
+    from .protocol_two import SOURCES
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
+    for ax, part in zip(axes, ("seen", "unseen")):
+        for s, style in zip(SOURCES, ("o-", "s--", "^:")):
+            if s in curve:
+                ns = sorted(curve[s])
+                ax.plot(ns, [curve[s][n][part] for n in ns], style, label=SOURCES[s])
+        ax.set_xscale("log")
+        ax.set_xlabel("training images")
+        ax.set_title(f"{part} classes", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test mIoU")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("protocol II: the same segmenter trained on each set, scored on labelled test images", fontsize=9)
+    fig.tight_layout()
+    return fig

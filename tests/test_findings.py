@@ -1,0 +1,21 @@
+"""Findings are rendered from the values: the verdicts follow the numbers."""
+from diffseg_utils.findings import protocol_findings
+
+TABLE = {"grounding": {"seen": 0.6, "unseen": 0.5, "harmonic": 0.55}, "daam": {"seen": 0.3, "unseen": 0.2, "harmonic": 0.24}}
+
+
+def _rows(syn_seen, syn_unseen, abl_unseen=0.0, ref_seen=0.8):
+    return {"grounded": {"seen": syn_seen, "unseen": syn_unseen, "harmonic": 0.0},
+            "segmenter_seen": {"seen": 0.5, "unseen": abl_unseen, "harmonic": 0.0},
+            "truth_seen": {"seen": ref_seen, "unseen": 0.0, "harmonic": 0.0}}
+
+
+def test_protocol_two_targets_follow_the_numbers():
+    good = protocol_findings(TABLE, _rows(0.6, 0.4))
+    assert "0.75× the 0.800" in good and good.count("**not met**") == 0
+    low = protocol_findings(TABLE, _rows(0.5, 0.2))
+    assert low.count("**not met**") == 2
+    # unseen above 0.30 but not above the seen-only floor: not met
+    assert protocol_findings(TABLE, _rows(0.6, 0.35, abl_unseen=0.4)).count("**not met**") == 1
+    assert "beats every training-free map" in protocol_findings(TABLE)
+    assert "Protocol II" not in protocol_findings(TABLE)
