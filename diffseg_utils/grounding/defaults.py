@@ -32,7 +32,7 @@ class GroundingDefaults:
     labelers:          extra ``--labeler`` choices, ``name -> factory(args, backbone) -> Labeler``.
     default_labeler:   the ``--labeler`` used when none is given.
     provenance:        ``provenance(backbone) -> dict`` recorded beside a trained module.
-    segmenter_settings: protocol II's segmenter budgets, ``{"quick" | "full": fit_segmenter kwargs}``.
+    segmenter_settings: protocol II's segmenter training, :func:`~.protocols.fit_segmenter` keywords (budget, augmentation).
     segmenter_net:     ``segmenter_net(num_classes, seed=) -> nn.Module``: protocol II's segmenter.
     protocol_two_test_set: ``(n, class_names) -> (images uint8 (N, 3, H, W), labels int64 (N, H, W))``.
     ground_truth_seen_dataset: ``(n, seen, class_names) -> (images, labels)``: protocol II's reference.
@@ -50,7 +50,7 @@ class GroundingDefaults:
     labelers: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     default_labeler: str | None = None
     provenance: Callable[[Any], dict] | None = None
-    segmenter_settings: Mapping[str, dict] = field(default_factory=dict)
+    segmenter_settings: Mapping[str, Any] = field(default_factory=dict)
     segmenter_net: Callable[..., Any] | None = None
     protocol_two_test_set: Callable[..., Any] | None = None
     ground_truth_seen_dataset: Callable[..., Any] | None = None

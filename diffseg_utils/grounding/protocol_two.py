@@ -73,11 +73,13 @@ def synthetic_sets(backbone, defaults: GroundingDefaults, module, work: str | Pa
 
 def protocol_two_curve(backbone, defaults: GroundingDefaults, module, *, sizes: Sequence[int], work: str | Path,
                        n_test: int = 500, settings: dict | None = None, seed: int = 0, num_steps: int = 20,
-                       guidance_scale: float = 5.0, progress: bool = True) -> tuple[dict, dict]:
+                       guidance_scale: float = 5.0, ablation_sizes: Sequence[int] | None = None,
+                       progress: bool = True) -> tuple[dict, dict]:
     """Train protocol II's segmenter on the first ``n`` images of each training set (:data:`SOURCES`) for each ``n``
-    in ``sizes`` and score it on ``n_test`` labelled test images.
+    in ``sizes`` and score it on ``n_test`` labelled test images; the seen-only ablation only at ``ablation_sizes``
+    (default: the largest size; it is a floor, not a curve).
 
-    ``settings``: :func:`~.protocols.fit_segmenter` keywords (default: the defaults' ``segmenter_settings["full"]``);
+    ``settings``: :func:`~.protocols.fit_segmenter` keywords (default: the defaults' ``segmenter_settings``);
     generations start at seed ``20_000 + seed`` (notebook 04's). Returns ``(results, nets)``: ``results[source][n]``
     = :func:`~.protocols.evaluate_segmenter`'s dict plus ``seconds``; ``nets[(source, n)]`` the trained segmenters.
     """
@@ -85,16 +87,19 @@ def protocol_two_curve(backbone, defaults: GroundingDefaults, module, *, sizes: 
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"sizes must be positive image counts, got {sizes}")
-    settings = dict(settings if settings is not None else defaults.segmenter_settings["full"])
+    settings = dict(settings if settings is not None else defaults.segmenter_settings)
     classes, seen = tuple(defaults.class_sets["all"]), tuple(defaults.class_sets["seen"])
     k = len(classes) + 1
     data = synthetic_sets(backbone, defaults, module, work, sizes[-1], seed=20_000 + seed, num_steps=num_steps,
                           guidance_scale=guidance_scale, progress=progress)
     data["truth_seen"] = defaults.ground_truth_seen_dataset(sizes[-1], seen, classes)
     test_x, test_y = defaults.protocol_two_test_set(n_test, classes)
+    ablation = set(sizes[-1:] if ablation_sizes is None else ablation_sizes)
     results, nets = {s: {} for s in SOURCES}, {}
     for n in sizes:
         for source in SOURCES:
+            if source == "segmenter_seen" and n not in ablation:
+                continue
             x, y = data[source]
             t0 = time.time()
             net = fit_segmenter(x[:n], y[:n], k, net=defaults.segmenter_net(k, seed=seed), seed=seed,
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if defaults is None:
         raise SystemExit(f"{a.backbone} has no grounding defaults: pass --defaults package.module:NAME")
     module = GroundingModule.load(a.grounding_ckpt or defaults.checkpoint, device=bb)
-    settings = dict(defaults.segmenter_settings["full"])
+    settings = dict(defaults.segmenter_settings)
     t0 = time.time()
     results, nets = protocol_two_curve(bb, defaults, module, sizes=a.sizes, work=a.work or a.out / "work",
                                        n_test=a.n_test, settings=settings, seed=a.seed, num_steps=a.num_steps,

@@ -24,8 +24,10 @@ ORACLE_DIR = DATA_DIR / "oracle"
 CHECKPOINT = DATA_DIR / "grounding" / "grounding.pt"
 CHECKPOINT_SD3 = DATA_DIR / "grounding" / "toy-sd3" / "grounding.pt"
 
-SEGMENTER_SETTINGS = {"quick": dict(steps=600, batch_size=16), "full": dict(steps=1500, batch_size=32)}
-"""Protocol II's segmenter training budgets (``fit_segmenter`` keyword arguments)."""
+SEGMENTER_SETTINGS = dict(steps=1500, batch_size=16, lr=2e-3, shift=8, permute_channels=True)
+"""Protocol II's segmenter training (``fit_segmenter`` keywords): 1500 AdamW steps of 16 images, shifts of up to 8 px
+and random channel order (a shape's colour is random in this world, so the order is label-preserving). Trained on 250
+labelled seen-class images it reaches 0.649 seen mIoU on 500 test images; data/grounding/README.md has the curve."""
 
 
 def oracle_segmenter(device: torch.device | str = "cpu", path: str | Path = ORACLE_DIR):

@@ -1,73 +1,86 @@
-"""Why do the toy SD's class words not localise? Measurements (cross-attention mass, interventions).
+"""Why do the toy SD's class words not localise, and does hiding the caption's summary in training fix it?
 
-Run: python docs/experiments/toy_sd_word_binding.py   (about 2 minutes on 2 CPU cores)
+Run: python docs/experiments/toy_sd_word_binding.py [shipped] [<checkpoint.pt> ...]   (about 1 min each, 2 CPU cores)
 
-Measured on the shipped toy SD (UNet step 13400), 32 fidelity prompts, 20 DDIM steps, guidance 5, seed 0:
-  attention mass (cond half, 20 steps, layers >= 4x4):
-      {'bos': 0.067, 'words': 0.436, 'class words': 0.099, 'eot': 0.064, 'pads': 0.434}
-  fidelity: as is 0.96875 | EOT+pads replaced by the empty prompt's 0.375 | words replaced 0.625
-Reading: the UNet takes most of the caption from the end-of-text and padding states, which the causal
-text encoder lets see every word; the class-word tokens get 10% of the attention and carry less of
-what the image depends on, so their cross-attention does not have to localise.
+For the shipped toy SD ("shipped") and each UNet checkpoint of ``python -m diffseg_utils.toy.train`` given, one
+JSON line: the token study of notebook 04 (32 one-object generations, "a photo of a {}", 20 DDIM steps, guidance 5,
+the oracle's masks as truth; IoU of each token's thresholded DAAM map), and where the caption reaches the image:
+prompt fidelity (32 prompts of one or two objects, the oracle) as is and with the caption's *summary* (end-of-text
+and padding states, which a causal text encoder lets see every word) replaced by the empty prompt's at inference,
+and the share of the cross-attention mass on the word tokens (conditional half, every step and layer).
+
+Measured on the shipped toy SD (UNet step 13,400):
+
+    class word 0.017 | end of text 0.506 | start of text 0.018 | class word, inverted 0.346 | whole image 0.144
+    fidelity 0.969 as is, 0.375 with the summary hidden | attention mass on the words 0.436
+
+Reading: the UNet takes the caption from the end-of-text and padding states (replacing the *words* by the empty
+prompt's instead left fidelity at 0.625 in an earlier version of this script); the class word's map is, if anything,
+on the background (its inverted map scores 0.35). Then the fine-tune of ``--hide-summary 0.5`` (half the captions'
+summary replaced by the empty prompt's, so the words must carry them; AdamW 5e-4, batch 64, from step 13,400):
+
+    step    class word  end of text  fidelity  fidelity, summary hidden  mass on words
+    (filled in from the run below)
 """
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
 import torch
+
 import diffseg_utils as ds
 from diffseg_utils.attention_maps import CrossAttentionMaps
+from diffseg_utils.grounding.diagnostics import cross_attention_tokens
 from diffseg_utils.sampling import generate
-from diffseg_utils.toy.quality import fidelity_prompts
-from diffseg_utils.toy.oracle import OracleSegmenter
-from diffseg_utils.registry import DATA_DIR
-from diffseg_utils.backbones import Conditioning
-torch.set_num_threads(1)
-bb = ds.load_backbone("toy", device="cpu")
-tok = bb.tokenizer
-oracle = OracleSegmenter.load(DATA_DIR / "oracle")
-prompts, classes = fidelity_prompts(32, seed=0, max_objects=2)
-ids = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
-eot = (ids == tok.eos_token_id).int().argmax(1)  # first EOS = end of text
-# 1. attention mass per token kind
-with CrossAttentionMaps(bb, cfg_batch=True) as cam:
-    imgs = generate(bb, prompts, num_steps=20, guidance_scale=5.0, seed=0)
-m = cam.maps.mean((-2, -1))  # (N, L): mean prob per token (summed over steps)
-m = m / m.sum(1, keepdim=True)
-kinds = {"bos": [], "words": [], "class words": [], "eot": [], "pads": []}
+from diffseg_utils.toy.grounding_defaults import oracle_segmenter
+from diffseg_utils.toy.quality import backbone_from_checkpoint, fidelity_prompts
+from diffseg_utils.toy.train import hide_summary
 from diffseg_utils.toy.world import CATEGORIES
-cls_ids = {tok(c, add_special_tokens=False).input_ids[0] for c in CATEGORIES}
-for i in range(len(prompts)):
-    e = int(eot[i])
-    kinds["bos"].append(float(m[i, 0]))
-    kinds["words"].append(float(m[i, 1:e].sum()))
-    kinds["class words"].append(float(sum(m[i, j] for j in range(1, e) if int(ids[i, j]) in cls_ids)))
-    kinds["eot"].append(float(m[i, e]))
-    kinds["pads"].append(float(m[i, e + 1:].sum()))
-print("attention mass (cond half, 20 steps, layers >= 4x4):", {k: round(sum(v) / len(v), 3) for k, v in kinds.items()})
-def fid(encode):
-    orig = bb.encode_prompt
-    bb.encode_prompt = encode
-    try:
-        found_all = 0
-        im = generate(bb, prompts, num_steps=20, guidance_scale=5.0, seed=0)
-        f = oracle(im).scores > 0
-        for row, cls in zip(f, classes):
-            found_all += all(bool(row[c - 1]) for c in cls)
-        return found_all / len(prompts)
-    finally:
-        bb.encode_prompt = orig
-empty = bb.encode_prompt([""]).embeds  # (1, 16, D)
-orig = bb.encode_prompt
-def no_eot(ps):
-    c = orig(ps); e = c.embeds.clone()
-    ii = tok(list(ps), padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
-    for i in range(len(ps)):
-        k = int((ii[i] == tok.eos_token_id).int().argmax()) if ps[i] else 99
-        if k < 99: e[i, k:] = empty[0, k:]
-    return Conditioning(e)
-def no_words(ps):
-    c = orig(ps); e = c.embeds.clone()
-    ii = tok(list(ps), padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
-    for i in range(len(ps)):
-        k = int((ii[i] == tok.eos_token_id).int().argmax()) if ps[i] else 1
-        e[i, 1:k] = empty[0, 1:k]  # the empty prompt's EOT/pad states at those positions
-    return Conditioning(e)
-print("fidelity: as is", fid(orig), "| EOT+pads replaced by the empty prompt's", fid(no_eot),
-      "| words replaced", fid(no_words))
+
+
+def summary_use(bb, segmenter, n: int = 32) -> dict:
+    """Prompt fidelity as is and with the summary hidden at inference; the cross-attention mass on the words."""
+    tok = bb.prompt_tokenizer
+    prompts, classes = fidelity_prompts(n, 0, 2)
+    ids = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    empty, encode = bb.encode_prompt([""]), bb.encode_prompt
+
+    def hidden(ps):
+        c = encode(ps)
+        i = tok(list(ps), padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        return replace(c, embeds=hide_summary(c.embeds, i, tok.eos_token_id, empty.embeds,
+                                              torch.tensor([bool(p) for p in ps])))
+
+    out = {}
+    for name, fn in (("as is", encode), ("summary hidden", hidden)):
+        bb.encode_prompt = fn
+        try:
+            with CrossAttentionMaps(bb, cfg_batch=True) as cam:
+                imgs = generate(bb, prompts, num_steps=20, guidance_scale=5.0, seed=0)
+        finally:
+            bb.encode_prompt = encode
+        found = segmenter(imgs).scores > 0
+        out[f"fidelity, {name}"] = sum(all(bool(r[c - 1]) for c in cl) for r, cl in zip(found, classes)) / n
+        m = cam.maps.mean((-2, -1))
+        m = m / m.sum(1, keepdim=True)                 # (N, L): share of the attention per text token
+        words = (ids == tok.eos_token_id).int().cumsum(1) == 0
+        words[:, 0] = False                            # the start token is not a word
+        out[f"mass on words, {name}"] = float((m * words).sum(1).mean())
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    base = ds.load_backbone("toy", device="cpu")
+    seg = oracle_segmenter()
+    for name in names or ["shipped"]:
+        bb = base if name == "shipped" else backbone_from_checkpoint(base, Path(name))
+        study = cross_attention_tokens(bb, seg, CATEGORIES, ["a photo of a {}"], num_images=32, progress=False)
+        iou = {r: round(v["a photo of a {}"], 3) for r, v in study.table().items()}
+        print(json.dumps({"checkpoint": Path(name).name, **iou, **summary_use(bb, seg)}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
