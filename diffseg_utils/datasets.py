@@ -812,33 +812,47 @@ class FewShotData:
 
 
 def fewshot_splits(name_or_path: str | os.PathLike, *, n_train: int, n_val: int, n_test: int, size: int,
-                   root: str | os.PathLike | None = None) -> FewShotData:
+                   root: str | os.PathLike | None = None, test: str | os.PathLike | None = None) -> FewShotData:
     """Train / validation / test images of a labelled dataset at ``size`` x ``size`` pixels.
 
     Procedural worlds have all three splits. A dataset without a validation split (DDPM-Seg's
     releases, folders with train/test only) takes its validation images from the *end* of its
     training files and its training images from the start, so the two never overlap; ``note`` says so.
-    Asking for more images than a split holds raises ValueError.
+    A folder without a ``train/`` split (e.g. a synthetic set written by
+    :func:`~diffseg_utils.grounding.export.export_segmentation_dataset`) is its own training split.
+    ``test``: another dataset whose test split is scored (the same class names in the same order), e.g.
+    real images for a segmenter trained on synthetic ones. Asking for more images than a split holds raises ValueError.
     """
     if min(n_train, n_val, n_test) < 0 or n_train == 0 or n_test == 0:
         raise ValueError(f"need n_train >= 1, n_val >= 0, n_test >= 1; got {n_train}, {n_val}, {n_test}")
     kw = dict(size=size) if root is None else dict(size=size, root=root)
-    train_ds = load_dataset(name_or_path, "train", **kw)
+    flat = Path(name_or_path).is_dir() and (Path(name_or_path) / "images").is_dir()
+    train_ds = load_dataset(name_or_path, None if flat else "train", **kw)
     if train_ds.class_names is None:
         raise ValueError(f"{name_or_path!r} has no label maps; few-shot segmentation needs labelled images")
-    test_ds = load_dataset(name_or_path, "test", **kw)
+    if flat and test is None:
+        raise ValueError(f"{str(name_or_path)!r} is one folder of labelled images with no test split: name the "
+                         "images to score with test= (e.g. the real dataset it stands in for)")
+    test_ds = load_dataset(test if test is not None else name_or_path, "test", **kw)
+    if tuple(test_ds.class_names or ()) != tuple(train_ds.class_names):
+        raise ValueError(f"the test set {str(test)!r} labels {test_ds.class_names}, the training set "
+                         f"{str(name_or_path)!r} {train_ds.class_names}: they must name the same classes in the same order")
     note = ""
     try:
         val_ds = load_dataset(name_or_path, "validation", **kw)
         val = val_ds.take(n_val)
         train = train_ds.take(n_train)
     except (ValueError, FileNotFoundError):
+        if flat:
+            note = "one folder: "
         if n_train + n_val > len(train_ds):
             raise ValueError(f"{name_or_path!r} has {len(train_ds)} training images and no validation split; "
                              f"n_train + n_val = {n_train + n_val} do not fit") from None
         train, val = train_ds.take(n_train), train_ds.take(n_val, start=len(train_ds) - n_val)
-        note = (f"no validation split: validation = the last {n_val} of the {len(train_ds)} training images, "
-                f"training = the first {n_train}")
+        note += (f"no validation split: validation = the last {n_val} of the {len(train_ds)} training images, "
+                 f"training = the first {n_train}")
+    if test is not None:
+        note += f"{'; ' if note else ''}test images from {str(test)!r}"
     for split, ds_, n in (("train", train_ds, n_train), ("test", test_ds, n_test)):
         if n > len(ds_):
             raise ValueError(f"{name_or_path!r} has {len(ds_)} {split} images; asked for {n}")

@@ -345,3 +345,25 @@ def test_a_portrait_labelled_folder_runs_through_fewshot(tmp_path, sd_tiny):
     res = seg.predict([np.asarray(Image.open(tmp_path / "test" / "images" / f"{i}.jpg")) for i in range(3)])
     assert [tuple(lab.shape) for lab in res.labels] == [(24, 18)] * 3 if isinstance(res.labels, list) else \
         tuple(res.labels.shape) == (3, 24, 18)
+
+
+def test_a_synthetic_folder_trains_and_real_images_test(tmp_path):
+    """Protocol II's exported synthetic set (one flat folder) as notebook 02's training data, scored on the real
+    world's test split (`test=`); without a test set, or with other classes, a clear error."""
+    from diffseg_utils.datasets import fewshot_splits
+    from diffseg_utils.grounding.export import export_segmentation_dataset
+    from diffseg_utils.toy.world import CATEGORIES
+
+    b = render("eval", 0, 6)
+    export_segmentation_dataset(tmp_path / "synthetic", b.images, b.labels.astype(np.int64), CATEGORIES)
+    data = fewshot_splits(tmp_path / "synthetic", n_train=3, n_val=2, n_test=4, size=64, test="toy-shapes")
+    np.testing.assert_array_equal(data.train.images, b.images[:3])
+    np.testing.assert_array_equal(data.val.images, b.images[4:])
+    real = load_dataset("toy-shapes", "test", size=64).take(4)
+    np.testing.assert_array_equal(data.test.images, real.images)
+    assert "test images from 'toy-shapes'" in data.note and data.class_names == ("background", *CATEGORIES)
+    with pytest.raises(ValueError, match="test="):
+        fewshot_splits(tmp_path / "synthetic", n_train=3, n_val=2, n_test=4, size=64)
+    export_segmentation_dataset(tmp_path / "other", b.images, b.labels.astype(np.int64), CATEGORIES[::-1])
+    with pytest.raises(ValueError, match="same classes in the same order"):
+        fewshot_splits(tmp_path / "other", n_train=3, n_val=2, n_test=4, size=64, test="toy-shapes")
