@@ -21,9 +21,9 @@ For each method and each size of its work (images, K) it measures, in this one p
     the method has to keep, computed from shapes (feature store, 2K latents, heat maps, ...);
   * the growth exponent of time and memory against the work (least-squares slope in log-log) and a
     log-log plot per method (``scaling_<method>_<device>.png``).
-Where a ratio exceeds 1.2 the call is profiled (cProfile, during the timed run) and the functions
-holding the time are listed. Results go to stdout and to ``results.md`` in ``--out-dir`` (one section
-per device, dtype and ``--only`` set, replaced on a rerun of the same).
+Results go to stdout and, in ``--out-dir``, to ``<run>.json`` (every measured point) and ``<run>.md`` (the table
+and notes), ``<run>`` naming the device, dtype and ``--only`` set; ``benchmarks/results.md`` quotes them. To see where
+the time of a slow call goes, profile it (``python -m cProfile``); the harness does not.
 
 CPU runs use reduced step counts where a method's cost is a fixed multiple of its steps (printed):
 EmerDiff 1 DDIM step below t_m (the paper: 50 steps over [0, 1000], about 15 below t_m = 281),
@@ -34,13 +34,11 @@ work per image is fixed, so with 2 steps instead of 50 it weighs ~25x more than 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import datetime
+import json
 import math
 import os
 import platform
-import pstats
-import re
 import sys
 import tempfile
 import threading
@@ -140,58 +138,20 @@ class UNetCounter:
         self._h.remove()
 
 
-LAST_CPU = [0.0]  # process CPU seconds of the last run_measured call (steadier than wall time on a shared machine)
-
-
-def run_measured(fn, device: torch.device, profile: bool = False, unet=None):
-    """(seconds, peak bytes, result, cProfile stats or None) of ``fn()``; with ``unet``, also the
-    UNet batch elements seen during the call (a 5th item)."""
+def run_measured(fn, device: torch.device, unet=None):
+    """(seconds, peak bytes, result) of ``fn()``; with ``unet``, also the UNet batch elements seen during the call
+    (a 4th item)."""
     if unet is not None:
         with UNetCounter(unet) as cnt:
-            out = run_measured(fn, device, profile)
+            out = run_measured(fn, device)
         return (*out, cnt.elements)
-    prof = cProfile.Profile() if profile else None
     _sync(device)
     with PeakMemory(device) as mem:
-        c0 = time.process_time()
         t0 = time.perf_counter()
-        if prof is not None:
-            prof.enable()
-        try:
-            out = fn()
-            _sync(device)
-        finally:
-            if prof is not None:
-                prof.disable()
+        out = fn()
+        _sync(device)
         secs = time.perf_counter() - t0
-        LAST_CPU[0] = time.process_time() - c0
-    return secs, mem.peak, out, prof
-
-
-def where_time_goes(prof: cProfile.Profile, total: float, bare_unet: float, n: int = 6) -> list[str]:
-    """Where the wall time of a profiled call went: inside the UNet's and the VAE's forwards, and,
-    for the rest, our functions ranked by their own time plus the torch ops they call directly."""
-    st = pstats.Stats(prof)
-    st.calc_callees()
-    unet = vae = 0.0
-    own: dict[str, float] = {}
-    for func, (_cc, _nc, tt, ct, _callers) in st.stats.items():
-        file, line, fn = func
-        name = Path(file).name
-        if fn == "forward" and name in ("unet_2d_condition.py", "unet_2d.py"):
-            unet += ct
-        elif fn == "forward" and name == "vae.py":  # Encoder / Decoder
-            vae += ct
-        if "diffseg_utils" in file or "benchmarks" in file:
-            direct = sum(c[3] for callee, c in st.all_callees.get(func, {}).items() if callee[0] == "~")
-            own[f"{name}:{line}({fn})"] = tt + direct
-    rest = max(total - unet - vae, 0.0)
-    top = sorted(own.items(), key=lambda kv: -kv[1])[:n]
-    return [f"UNet forwards {unet:.2f} s ({100 * unet / total:.0f}%; bare forwards x evals: {bare_unet:.2f} s, the "
-            f"difference is hooks / processors inside the UNet and batch shapes), VAE encoder/decoder {vae:.2f} s "
-            f"({100 * vae / total:.0f}%), everything else {rest:.2f} s ({100 * rest / total:.0f}%)",
-            "outside the models, by function (own time + torch ops it calls directly): "
-            + "; ".join(f"{k} {v:.2f} s" for k, v in top)]
+    return secs, mem.peak, out
 
 
 class Bare:
@@ -200,32 +160,17 @@ class Bare:
     def __init__(self, device: torch.device, repeats: int, max_batch: int | None):
         self.device, self.repeats, self.max_batch = device, repeats, max_batch
         self.cache: dict = {}
-        self.clock = "wall"  # or "cpu": what unet/decode/encode return (both are measured)
 
-    def _time(self, fn) -> tuple[float, float]:
+    def _time(self, fn) -> float:
         fn()  # warm-up (kernel selection, oneDNN primitives)
-        best, best_cpu = math.inf, math.inf
+        best = math.inf
         for _ in range(self.repeats):
             _sync(self.device)
-            c0, t0 = time.process_time(), time.perf_counter()
+            t0 = time.perf_counter()
             fn()
             _sync(self.device)
-            best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
-        return best, best_cpu
-
-    def _get(self, key) -> float:
-        return self.cache[key][0 if self.clock == "wall" else 1]
-
-    def both(self, denominators) -> dict:
-        """``denominators()`` -> (UNet seconds, VAE seconds), evaluated with wall and with CPU times."""
-        out = {}
-        for clock, names in (("wall", ("unet_seconds", "vae_seconds")), ("cpu", ("unet_cpu", "vae_cpu"))):
-            self.clock = clock
-            try:
-                out.update(zip(names, denominators()))
-            finally:
-                self.clock = "wall"
-        return {**out, "cpu_seconds": LAST_CPU[0]}
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     def _batch(self, b: int) -> int:
         return max(1, min(b, self.max_batch)) if self.max_batch else max(1, b)
@@ -240,9 +185,8 @@ class Bare:
             x = torch.randn(b, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
             tt = torch.full((b,), t, device=bb.device, dtype=torch.long)
             cond = bb.empty_prompt(b)
-            w, c = self._time(lambda: bb.predict(x, tt, cond))
-            self.cache[key] = (w / b, c / b)
-        return self._get(key)
+            self.cache[key] = self._time(lambda: bb.predict(x, tt, cond)) / b
+        return self.cache[key]
 
     @torch.no_grad()
     def decode(self, bb: Backbone, batch: int) -> float:
@@ -253,9 +197,8 @@ class Bare:
         if key not in self.cache:
             r = bb.latent_resolution
             z = torch.randn(b, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
-            w, c = self._time(lambda: bb.vae.decode(z))
-            self.cache[key] = (w / b, c / b)
-        return self._get(key)
+            self.cache[key] = self._time(lambda: bb.vae.decode(z)) / b
+        return self.cache[key]
 
     @torch.no_grad()
     def encode(self, bb: Backbone) -> float:
@@ -265,7 +208,7 @@ class Bare:
         if key not in self.cache:
             x = torch.rand(1, 3, bb.resolution, bb.resolution, device=bb.device, dtype=bb.dtype) * 2 - 1
             self.cache[key] = self._time(lambda: bb.vae.encode(x))
-        return self._get(key)
+        return self.cache[key]
 
 
 @dataclass
@@ -281,13 +224,6 @@ class Point:
     vae_seconds: float = 0.0     # unavoidable VAE calls x bare VAE call per image
     note: str = ""
     seen: int = 0                # UNet batch elements actually run (forward pre-hook)
-    cpu_seconds: float = 0.0     # the same three in process CPU time (all threads)
-    unet_cpu: float = 0.0
-    vae_cpu: float = 0.0
-
-    @property
-    def ratio_cpu(self) -> float:
-        return self.cpu_seconds / self.unet_cpu if self.unet_cpu else float("nan")
 
     @property
     def ratio(self) -> float:
@@ -305,7 +241,6 @@ class Method:
     work_label: str
     setting: str
     points: list[Point] = field(default_factory=list)
-    profile: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     memory_note: str = ""
 
@@ -362,7 +297,7 @@ def n_params(m) -> float:
 
 
 # ---------------------------------------------------------------------------- methods
-def bench_features(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> tuple[Method, object]:
+def bench_features(bb: Backbone, bare: Bare, plan: dict) -> tuple[Method, object]:
     """DDPM-Seg feature extraction at the backbone's resolution; work = images."""
     from diffseg_utils.features import extract_features
 
@@ -370,17 +305,14 @@ def bench_features(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> t
     m = Method("features", "images", f"{bb.name} {bb.resolution}px, ADM blocks {ADM_BLOCKS} x t {ADM_TIMESTEPS}, "
                                      f"batch {bs} image(s) x {len(ADM_TIMESTEPS)} t per UNet call")
     fm = None
-    for i, n in enumerate(plan["feature_images"]):
+    for n in plan["feature_images"]:
         imgs = torch.rand(n, 3, bb.resolution, bb.resolution)
-        secs, peak, fm, prof, seen = run_measured(
+        secs, peak, fm, seen = run_measured(
             lambda: extract_features(bb, imgs, ADM_BLOCKS, ADM_TIMESTEPS, batch_size=bs, progress=False),
-            bb.device, profile=profile_all or i == 0, unet=bb.denoiser)
+            bb.device, unet=bb.denoiser)
         evals = len(ADM_TIMESTEPS) * n
         ub = len(ADM_TIMESTEPS) * min(bs, n)
-        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, seen=seen,
-                              **bare.both(lambda: (evals * bare.unet(bb, ub, t=ADM_TIMESTEPS[0]), 0.0))))
-        if i == 0:
-            m._prof = (prof, secs)
+        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, evals * bare.unet(bb, ub, t=ADM_TIMESTEPS[0]), seen=seen))
     dense = fm.channels * bb.resolution ** 2 * 4
     m.memory_note = (f"must hold = the lazy fp16 store ({mib(fm.nbytes() / fm.num_images)} / image, {fm.channels} "
                      f"dims at native resolutions); DDPM-Seg's dense fp32 store would be {mib(dense)} / image "
@@ -401,7 +333,7 @@ def bench_ddpmseg(fm, bb: Backbone, plan: dict) -> list[Method]:
     steps = plan["ensemble_steps"]
     cfg = EnsembleConfig(num_classes=K, max_steps=steps)
     seg = FewShotSegmenter(None, fm.blocks, fm.timesteps, K, config=cfg)
-    secs, peak, _, _ = run_measured(lambda: seg.fit(None, labels, features=fm, progress=False), bb.device)
+    secs, peak, _ = run_measured(lambda: seg.fit(None, labels, features=fm, progress=False), bb.device)
     fit = Method("ddpmseg-fit", "batches", f"{fm.channels} dims, {n} image(s) {H}x{W}, 10 members, batch 64, "
                                            f"{steps} batches (capped; the paper trains to early stopping)")
     member_params = sum(p.numel() for p in seg.ensemble.params()) * 4
@@ -411,7 +343,7 @@ def bench_ddpmseg(fm, bb: Backbone, plan: dict) -> list[Method]:
     pred = Method("ddpmseg-predict", "images", f"{fm.channels} dims, {H}x{W}, 10 members, chunks of 16384 pixels")
     for k in plan["predict_images"]:
         sub = fm.images(slice(0, k))
-        secs, peak, _, _ = run_measured(lambda: seg.predict(features=sub), bb.device)
+        secs, peak, _ = run_measured(lambda: seg.predict(features=sub), bb.device)
         pred.points.append(Point(k, secs, peak, k * H * W * (8 + 4), 0, 0.0,
                                  note=f"{1e6 * secs / (k * H * W):.1f} us / pixel"))
     pred.memory_note = (f"must hold = labels + uncertainty ({12} B / pixel); the dense fp32 features DDPM-Seg "
@@ -419,7 +351,7 @@ def bench_ddpmseg(fm, bb: Backbone, plan: dict) -> list[Method]:
     return [fit, pred]
 
 
-def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Method:
+def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict) -> Method:
     """EmerDiff on one image; work = K (segments)."""
     from diffseg_utils.emerdiff import emerdiff_segment
 
@@ -437,23 +369,19 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> M
                 m.extra.append(f"K = {K} skipped: projected {need:.0f} s would exceed the run's time budget "
                                f"(--budget); run it alone with --only emerdiff")
                 continue
-        secs, peak, res, prof, seen = run_measured(
+        secs, peak, res, seen = run_measured(
             lambda: emerdiff_segment(bb, img, K, num_steps=steps, chunk_size=chunk,
-                                     decode_batch_size=dec, progress=False), bb.device,
-            profile=profile_all or i == 0, unet=bb.denoiser)
+                                     decode_batch_size=dec, progress=False), bb.device, unet=bb.denoiser)
         k_eff = int(torch.unique(res.low_res[0]).numel())
         evals = res.min_denoiser_evals_per_image
         ts = res.extra["timesteps"]
 
         r = bb.latent_resolution
         hold = 2 * k_eff * bb.latent_channels * r * r * bb.dtype.itemsize + K * bb.resolution ** 2 * 4
-        m.points.append(Point(K, secs, peak, hold, evals, **bare.both(lambda: (
-                              evals * bare.unet(bb, min(chunk, 2 * k_eff)),
-                              bare.encode(bb) + 2 * k_eff * bare.decode(bb, dec))),
+        m.points.append(Point(K, secs, peak, hold, evals, evals * bare.unet(bb, min(chunk, 2 * k_eff)),
+                              bare.encode(bb) + 2 * k_eff * bare.decode(bb, dec),
                               note=f"{k_eff} segments, {len(ts)} UNet steps per run {ts}; the t_m pass runs "
                                    "the shared prefix once (batch 1)", seen=seen))
-        if i == 0:
-            m._prof = (prof, secs)
     m.memory_note = ("must hold = the 2K final latents + the K float32 difference maps at image size "
                      "(from shapes); decoded images are reduced chunk by chunk")
     return m
@@ -466,28 +394,25 @@ def _prompts(n: int) -> tuple[list[str], list[str]]:
     return [f"a photograph of a {w}" for w in words], words
 
 
-def bench_daam(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Method:
+def bench_daam(bb: Backbone, bare: Bare, plan: dict) -> Method:
     from diffseg_utils.attention_maps import daam_segment
 
     steps = plan["gen_steps"]
     m = Method("daam", "images", f"{bb.name} {bb.resolution}px, DDIM {steps} steps, guidance 7.5 (batch 2N)")
     L = bb.tokenizer.model_max_length
-    for i, n in enumerate(plan["gen_images"]):
+    for n in plan["gen_images"]:
         prompts, words = _prompts(n)
-        secs, peak, _, prof, seen = run_measured(
-            lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance_scale=7.5), bb.device,
-            profile=profile_all or i == 0, unet=bb.denoiser)
+        secs, peak, _, seen = run_measured(
+            lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance_scale=7.5), bb.device, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
-        m.points.append(Point(n, secs, peak, hold, evals, seen=seen,
-                              **bare.both(lambda: (evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n)))))
-        if i == 0:
-            m._prof = (prof, secs)
+        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
+                              seen=seen))
     m.memory_note = "must hold = the running (N, tokens, 64, 64) float32 sum of heat maps"
     return m
 
 
-def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> Method:
+def bench_grounding(bb: Backbone, bare: Bare, plan: dict) -> Method:
     from diffseg_utils.grounding.features import generate_with_features
     from diffseg_utils.grounding.module import GroundingModule, class_embeddings
 
@@ -501,16 +426,13 @@ def bench_grounding(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
         q = class_embeddings(bb, words)[:, None]          # one query per image
         return batch, gm.predict(batch.features, q)
 
-    for i, n in enumerate(plan["gen_images"]):
+    for n in plan["gen_images"]:
         prompts, words = _prompts(n)
-        secs, peak, (batch, _), prof, seen = run_measured(lambda: run(prompts, words), bb.device,
-                                                          profile=profile_all or i == 0, unet=bb.denoiser)
+        secs, peak, (batch, _), seen = run_measured(lambda: run(prompts, words), bb.device, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = sum(f.numel() * f.element_size() for f in batch.features.values())
-        m.points.append(Point(n, secs, peak, hold, evals, seen=seen,
-                              **bare.both(lambda: (evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n)))))
-        if i == 0:
-            m._prof = (prof, secs)
+        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
+                              seen=seen))
     m.memory_note = (f"must hold = the grouped fp16 features ({mib(m.points[-1].must_hold / plan['gen_images'][-1])}"
                      " / image, uncond + cond)")
     return m
@@ -531,7 +453,7 @@ class _ChannelSegmenter:
         return SegmenterOutput(masks, torch.ones(images.shape[0], len(self.class_names)), self.class_names)
 
 
-def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> list[Method]:
+def bench_synthesis(bb: Backbone, bare: Bare, plan: dict) -> list[Method]:
     from diffseg_utils.grounding.labelers import SegmenterLabeler
     from diffseg_utils.grounding.module import GroundingModule, class_embeddings
     from diffseg_utils.grounding.shards import GroundingShards, synthesize
@@ -545,19 +467,17 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
                                        f"batch {bs}, features kept, stand-in labeler, shards on local disk")
     root = Path(tempfile.mkdtemp(prefix="bench_synth_"))
     last = None
-    for i, n in enumerate(plan["synth_samples"]):
+    for n in plan["synth_samples"]:
         out = root / f"n{n}"
-        secs, peak, _, prof, seen = run_measured(
+        secs, peak, _, seen = run_measured(
             lambda: synthesize(bb, labeler, out, num_samples=n, class_names=names, shard_size=max(bs, n),
                                num_steps=steps, guidance_scale=5.0, batch_size=bs, progress=False),
-            bb.device, profile=profile_all or i == 0, unet=bb.denoiser)
+            bb.device, unet=bb.denoiser)
         disk = sum(f.stat().st_size for f in out.glob("shard_*.pt"))
         evals = 2 * n * steps
-        m.points.append(Point(n, secs, peak, disk, evals, **bare.both(lambda: (
-                              evals * bare.unet(bb, 2 * min(bs, n)), n * bare.decode(bb, min(bs, n)))), note=f"{n / secs:.3f} samples/s, {mib(disk)} on disk",
+        m.points.append(Point(n, secs, peak, disk, evals, evals * bare.unet(bb, 2 * min(bs, n)),
+                              n * bare.decode(bb, min(bs, n)), note=f"{n / secs:.3f} samples/s, {mib(disk)} on disk",
                               seen=seen))
-        if i == 0:
-            m._prof = (prof, secs)
         last = out
     m.memory_note = "must hold = one shard (features + images + masks, its size on disk)"
     # training the grounding module on those shards: step time at batch 2 (no UNet)
@@ -565,7 +485,7 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict, profile_all: bool) -> 
     gm = GroundingModule.for_backbone(bb)
     q = class_embeddings(bb, shards.class_names)
     tsteps = plan["train_steps"]
-    secs, peak, _, _ = run_measured(lambda: train_grounding(gm, shards, q, steps=tsteps, batch_size=2, progress=False,
+    secs, peak, _ = run_measured(lambda: train_grounding(gm, shards, q, steps=tsteps, batch_size=2, progress=False,
                                                             log_every=tsteps), bb.device)
     tr = Method("grounding-train", "steps", f"train_grounding on the shards, batch 2, {tsteps} steps, fp32 module")
     tr.points.append(Point(tsteps, secs, peak, sum(p.numel() * 4 * 4 for p in gm.parameters()), 0, 0.0,
@@ -614,20 +534,19 @@ def plot(m: Method, path: Path) -> None:
 
 def table(methods: list[Method]) -> list[str]:
     out = ["| method | work | seconds | UNet evals (run) | bare UNet x evals (s) | ratio (goal <= 1.2) | ratio+vae | "
-           "ratio, CPU time | peak mem | must hold | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "peak mem | must hold | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         for p in m.points:
             r = f"{p.ratio:.2f}" if p.unet_seconds else "n/a"
             rv = f"{p.ratio_vae:.2f}" if p.vae_seconds else "n/a"
             flag = " **>1.2**" if p.unet_seconds and p.ratio > GOAL else ""
-            rc = f"{p.ratio_cpu:.2f}" if p.unet_cpu else "n/a"
             out.append(f"| {m.name} | {m.work_label} = {p.work:g} | {p.seconds:.2f} | {p.unet_evals:g} ({p.seen}) | "
-                       f"{p.unet_seconds:.2f} | {r}{flag} | {rv} | {rc} | {mib(p.peak)} | {mib(p.must_hold)} | {p.note} |")
+                       f"{p.unet_seconds:.2f} | {r}{flag} | {rv} | {mib(p.peak)} | {mib(p.must_hold)} | {p.note} |")
     return out
 
 
-def report(methods: list[Method], env: dict, plan: dict, args, out_dir: Path) -> str:
+def report(methods: list[Method], env: dict, plan: dict, args) -> str:
     lines = [f"### {env['key']}: {env['date']}", "",
              f"- machine: {env['machine']}", f"- torch {torch.__version__}, threads {torch.get_num_threads()}, "
              f"device {env['device']}, dtype {env['dtype']}{' (--quick: toy sizes, ratios not meaningful)' if args.quick else ''}",
@@ -646,34 +565,13 @@ def report(methods: list[Method], env: dict, plan: dict, args, out_dir: Path) ->
     for m in methods:
         lines.append(f"- **{m.name}**: {m.setting}. {m.memory_note}")
         lines += [f"  - {x}" for x in m.extra]
-    slow = [m for m in methods if m.profile]
-    if slow:
-        lines += ["", f"Where the time goes (methods whose ratio exceeds {GOAL}; cProfile of the first size's timed run):",
-                  ""]
-        for m in slow:
-            lines.append(f"- **{m.name}**:")
-            lines += [f"  - {x}" for x in m.profile]
     return "\n".join(lines) + "\n"
 
 
-def section_key(device: torch.device, dtype: torch.dtype, quick: bool, only: set[str]) -> str:
-    """The results.md section a run writes: one per device, dtype, --quick and --only set, so a run of
-    some methods never replaces a whole run's section (nor another subset's)."""
+def run_key(device: torch.device, dtype: torch.dtype, quick: bool, only: set[str]) -> str:
+    """The name of a run's files: device, dtype, --quick and the --only set (a run of some methods is its own run)."""
     key = f"{device.type}-{str(dtype).replace('torch.', '')}{'-quick' if quick else ''}"
     return key if set(only) == set(METHODS) else key + "-only-" + "+".join(m for m in METHODS if m in only)
-
-
-def write_results(section: str, key: str, path: Path) -> None:
-    head = ("# Benchmark results (benchmarks/run_all.py)\n\nOne section per device, dtype and --only set; a rerun "
-            "replaces its own section. Random weights at the real topologies (speed and memory do not depend on them).\n\n")
-    text = path.read_text() if path.exists() else head
-    start, end = f"<!-- run:{key} -->", f"<!-- end:{key} -->"
-    block = f"{start}\n{section}{end}\n"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
 
 
 def cpu_model() -> str:
@@ -716,13 +614,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="toy-size models, a few seconds (smoke test)")
     ap.add_argument("--only", nargs="*", default=None,
                     choices=METHODS)
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
-                    help="where results.md and the plots go (default: benchmarks/)")
-    ap.add_argument("--profile-all", action="store_true", help="profile every timed run, not only the first size")
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "runs",
+                    help="where <run>.json, <run>.md and the plots go (default: benchmarks/runs/)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for the whole run (CPU default 3000): EmerDiff's larger K are skipped when they "
                          "would overrun it")
-    ap.add_argument("--json", type=Path, default=None, help="also write every measured point to this JSON file")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(a.device)
@@ -733,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     bare = Bare(device, plan["repeats"], plan["max_bare_batch"])
     a.out_dir.mkdir(parents=True, exist_ok=True)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    env = {"key": section_key(device, dtype, a.quick, only),
+    env = {"key": run_key(device, dtype, a.quick, only),
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "machine": f"{dev_name}; {os.cpu_count()} CPU(s) visible; {platform.platform()}",
            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "load0": os.getloadavg()[0]}
@@ -746,27 +642,31 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     def flush(final: bool) -> str:
-        """Write results.md now (after every method, so an interrupted run keeps what it measured)."""
+        """Write <run>.md and <run>.json now (after every method, so an interrupted run keeps what it measured)."""
         env["backbones"] = "; ".join(bbs)
         env["load"] = f"{env['load0']:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         env["bare"] = ", ".join(bare_txt) or "see the table"
-        for m in methods:
-            prof = getattr(m, "_prof", None)
-            if prof is not None and not m.profile and any(p.unet_seconds and p.ratio > GOAL for p in m.points):
-                m.profile = where_time_goes(*prof, m.points[0].unet_seconds)
-            if final and len(m.points) > 1:
-                plot(m, a.out_dir / f"scaling_{m.name}_{device.type}.png")
-        section = report(methods, env, plan, a, a.out_dir)
+        if final:
+            for m in methods:
+                if len(m.points) > 1:
+                    plot(m, a.out_dir / f"scaling_{m.name}_{device.type}.png")
+        section = report(methods, env, plan, a)
         state = "" if final else " (partial: the run was still going when this was written)"
         section += f"\nWall time of this run{state}: {time.perf_counter() - t_start:.0f} s.\n"
-        write_results(section, env["key"], a.out_dir / "results.md")
+        (a.out_dir / f"{env['key']}.md").write_text(section)
+        (a.out_dir / f"{env['key']}.json").write_text(json.dumps({"env": env, "methods": [
+            {"name": m.name, "work": m.work_label, "time_exponent": m.exponent("seconds"),
+             "memory_exponent": m.exponent("peak"), "points": [
+                 {**{k: getattr(p, k) for k in ("work", "seconds", "peak", "must_hold", "unet_evals", "unet_seconds",
+                                                 "vae_seconds", "seen", "note")}, "ratio": p.ratio}
+                 for p in m.points]} for m in methods]}, indent=1))
         return section
 
     if only & {"features", "ddpmseg"}:
         adm = build_adm(device, dtype, a.quick)
         bbs.append(f"{adm.name} UNet {n_params(adm.denoiser):.0f}M")
         log(f"built {adm}")
-        m, fm = bench_features(adm, bare, plan, a.profile_all)
+        m, fm = bench_features(adm, bare, plan)
         methods.append(m)
         bare_txt.append(f"{adm.name} {1e3 * bare.unet(adm, 3 * min(plan['feature_batch'], 1)):.0f} ms")
         log(f"features done: ratios {[round(p.ratio, 2) for p in m.points]}")
@@ -784,25 +684,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in (("daam", bench_daam), ("grounding", bench_grounding), ("synthesis", bench_synthesis),
                          ("emerdiff", bench_emerdiff)):  # EmerDiff last: its largest K fills the time left
             if name in only:
-                got = fn(sd, bare, plan, a.profile_all)
+                got = fn(sd, bare, plan)
                 methods += got if isinstance(got, list) else [got]
                 log(f"{name} done")
                 flush(final=False)
         bare_txt.append(f"{sd.name} {1e3 * bare.unet(sd, 1):.0f} ms (batch 1)")
         if sd.vae is not None:
             bare_txt.append(f"VAE decode {1e3 * bare.decode(sd, 1):.0f} ms, encode {1e3 * bare.encode(sd):.0f} ms")
-    section = flush(final=True)
-    print(section)
-    if a.json is not None:
-        import json
-
-        a.json.write_text(json.dumps({"env": env, "methods": [
-            {"name": m.name, "work": m.work_label, "time_exponent": m.exponent("seconds"),
-             "memory_exponent": m.exponent("peak"), "points": [
-                 {**{k: getattr(p, k) for k in ("work", "seconds", "peak", "must_hold", "unet_evals", "unet_seconds",
-                                                 "vae_seconds", "seen", "cpu_seconds", "unet_cpu")}, "ratio": p.ratio,
-                 "ratio_cpu": p.ratio_cpu} for p in m.points]}
-            for m in methods]}, indent=1))
+    print(flush(final=True))
 
 
 if __name__ == "__main__":

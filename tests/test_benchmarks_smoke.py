@@ -2,7 +2,7 @@
 
 The full-size run (``python benchmarks/run_all.py``) takes ~47 minutes on a 2-core CPU in float32 and
 is not part of the test suite; this checks the command itself: each method's row, its UNet evaluation count against
-the UNet calls actually made, the growth exponents, the plots and the results.md section.
+the UNet calls actually made, the growth exponents, the plots, the run's JSON and table.
 """
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ METHODS = ["features", "ddpmseg-fit", "ddpmseg-predict", "emerdiff", "daam", "gr
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out),
-                           "--json", str(out / "r.json")], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout, json.loads((out / "r.json").read_text())
+    return out, proc.stdout, json.loads((out / "cpu-float32-quick.json").read_text())
 
 
 def test_every_method_reports_its_figures(quick_run):
@@ -46,8 +45,8 @@ def test_every_method_reports_its_figures(quick_run):
         assert (out / f"scaling_{name}_cpu.png").stat().st_size > 1000
     for name in ("ddpmseg-fit", "ddpmseg-predict", "grounding-train"):
         assert by_name[name]["points"][0]["seconds"] > 0
-    text = (out / "results.md").read_text()
-    assert "<!-- run:cpu-float32-quick -->" in text and "ratio (goal <= 1.2)" in text
+    text = (out / "cpu-float32-quick.md").read_text()
+    assert "ratio (goal <= 1.2)" in text
     for name in METHODS:
         assert f"| {name} |" in text and f"| {name} |" in stdout
 
@@ -67,34 +66,19 @@ def test_unet_evaluations_match_the_calls_made(quick_run):
                 assert p["seen"] == p["unet_evals"], (m["name"], p)
 
 
-def test_results_section_is_replaced_on_rerun(tmp_path):
+def test_a_run_of_some_methods_is_its_own_run():
+    """``--only`` runs (how a slow CPU run is split) write their own files, never the whole run's, nor each other's."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from run_all import write_results
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    path = tmp_path / "results.md"
-    write_results("first cpu\n", "cpu-float32", path)
-    write_results("first cuda\n", "cuda-float16", path)
-    write_results("second cpu\n", "cpu-float32", path)
-    text = path.read_text()
-    assert "second cpu" in text and "first cuda" in text and "first cpu" not in text
-    assert text.count("<!-- run:cpu-float32 -->") == 1
-
-
-def test_a_run_of_some_methods_keeps_its_own_section():
-    """``--only`` runs (how a slow CPU run is split) must not replace the whole run's section, nor each other's."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from run_all import METHODS as ALL, section_key
+        from run_all import METHODS as ALL, run_key
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert section_key(cpu, f32, False, set(ALL)) == "cpu-float32"
-    sd = section_key(cpu, f32, False, {"emerdiff", "daam"})
-    adm = section_key(cpu, f32, False, {"ddpmseg", "features"})
+    assert run_key(cpu, f32, False, set(ALL)) == "cpu-float32"
+    sd = run_key(cpu, f32, False, {"emerdiff", "daam"})
+    adm = run_key(cpu, f32, False, {"ddpmseg", "features"})
     assert sd == "cpu-float32-only-emerdiff+daam" and adm == "cpu-float32-only-features+ddpmseg"
-    assert section_key(cpu, f32, True, {"daam"}) == "cpu-float32-quick-only-daam"
+    assert run_key(cpu, f32, True, {"daam"}) == "cpu-float32-quick-only-daam"
 
 
 def test_ensemble_breakdown_runs_at_toy_width(capsys):
