@@ -89,8 +89,14 @@ def token_study_findings(study) -> str:
                    "backbone; a token that scores high instead carries the prompt's content for the denoiser.")
     elif best == "class word":
         out.append("The maps follow the word that names the object, as DAAM presumes.")
-    out.append(f"The class word's map correlates with the start-of-text token's at r = {study.similarity[t]:.2f} "
-               "(near 1: the word is attended from the same pixels as a token that carries no content).")
+    else:
+        out.append(f"The class word's map localises the object it names, as DAAM presumes, {_cmp(cw, iou[best])} "
+                   f"the {best} token's.")
+    r = study.similarity[t]
+    reading = ("near 1: the word is attended from the same pixels as a token that carries no content" if r > 0.8 else
+               "negative: the word is attended where that token is not, from the object rather than the background"
+               if r < -0.3 else "a weak relation: the two maps are read from different pixels")
+    out.append(f"The class word's map correlates with the start-of-text token's at r = {r:.2f} ({reading}).")
     if len(study.templates) > 1:
         t2 = study.templates[1]
         d = study.iou[t2]["class word"] - cw

@@ -19,3 +19,20 @@ def test_protocol_two_targets_follow_the_numbers():
     assert protocol_findings(TABLE, _rows(0.6, 0.35, abl_unseen=0.4)).count("**not met**") == 1
     assert "beats every training-free map" in protocol_findings(TABLE)
     assert "Protocol II" not in protocol_findings(TABLE)
+
+
+def test_token_study_findings_read_the_correlation_and_the_premise():
+    from types import SimpleNamespace
+
+    from diffseg_utils.findings import token_study_findings
+
+    def study(cw, eot, r):
+        iou = {"class word": cw, "end of text": eot, "start of text": 0.01, "whole image": 0.11}
+        return SimpleNamespace(templates=["a {}"], iou={"a {}": iou}, roles=tuple(iou), pairs=30,
+                               similarity={"a {}": r})
+    broken = token_study_findings(study(0.009, 0.43, 0.99))
+    assert "premise fails" in broken and "near 1" in broken
+    binds = token_study_findings(study(0.338, 0.346, -0.78))
+    assert "as DAAM presumes, level with the end of text token's" in binds and "negative" in binds
+    assert "premise fails" not in binds
+    assert "follow the word" in token_study_findings(study(0.5, 0.3, 0.1))
