@@ -55,22 +55,36 @@ def representation_findings(scores: dict[str, float], best_t: int, best_block: s
     return " ".join(out)
 
 
-def fewshot_findings(mean: dict[str, float], std: dict[str, float], names: dict[str, str], n_splits: int) -> str:
+def _paired(pd) -> str:
+    """A :class:`~.metrics.PairedDifference` as a verdict: its bootstrap interval decides, not the means."""
+    return "above" if pd.lo > 0 else "below" if pd.hi < 0 else "level with"
+
+
+def fewshot_findings(mean: dict[str, float], std: dict[str, float], names: dict[str, str], n_splits: int,
+                     paired: dict | None = None) -> str:
     """Notebook 02: the ensemble's test mIoU per variant (``mean`` / ``std`` over ``n_splits`` splits, keyed by the
     variant; ``names``: variant -> recorded key, e.g. "ddpm_miou", "untrained_miou", "rgb_miou", "rgbxy_miou",
-    "paper_t_miou", "single_block_miou"), in words."""
+    "paper_t_miou", "single_block_miou"), in words. ``paired``: recorded key -> the
+    :class:`~.metrics.PairedDifference` of that variant minus the chosen one over the same splits; where given, its
+    interval (not the difference of the means) decides "above" / "level with" / "below"."""
     by = {k: v for v, k in names.items()}
+    paired = paired or {}
     d, u, r, xy = (mean[by[k]] for k in ("ddpm_miou", "untrained_miou", "rgb_miou", "rgbxy_miou"))
     out = [f"**This run** ({n_splits} disjoint splits): the ensemble on the chosen DDPM features scores {d:.3f} ± "
            f"{std[by['ddpm_miou']]:.3f}, {d - u:+.3f} over the untrained denoiser's same blocks ({u:.3f}) and "
            f"{d - max(r, xy):+.3f} over the best colour floor ({r:.3f} colour, {xy:.3f} colour + position)."]
     if "paper_t_miou" in by:
         p = mean[by["paper_t_miou"]]
-        out.append(f"The paper's timesteps on the same blocks score {p:.3f}, {_cmp(p, d)} the validated choice.")
+        pd = paired.get("paper_t_miou")
+        verdict = (f"{_paired(pd)} the validated choice (paired over the splits: {pd.mean:+.3f}, interval "
+                   f"[{pd.lo:+.3f}, {pd.hi:+.3f}])" if pd is not None else f"{_cmp(p, d)} the validated choice")
+        out.append(f"The paper's timesteps on the same blocks score {p:.3f}, {verdict}.")
     if "single_block_miou" in by:
         s1 = mean[by["single_block_miou"]]
+        pd = paired.get("single_block_miou")
+        better = pd.hi < 0 if pd is not None else d > s1 + 0.01
         out.append(f"The single best place alone scores {s1:.3f}: concatenating places is "
-                   f"{'worth it' if d > s1 + 0.01 else 'not clearly better'} here.")
+                   f"{'worth it' if better else 'not clearly better'} here.")
     return " ".join(out)
 
 

@@ -36,3 +36,19 @@ def test_token_study_findings_read_the_correlation_and_the_premise():
     assert "as DAAM presumes, level with the end of text token's" in binds and "negative" in binds
     assert "premise fails" not in binds
     assert "follow the word" in token_study_findings(study(0.5, 0.3, 0.1))
+
+
+def test_fewshot_findings_let_the_paired_interval_decide():
+    from diffseg_utils.findings import fewshot_findings
+    from diffseg_utils.metrics import PairedDifference
+
+    names = {"d": "ddpm_miou", "u": "untrained_miou", "r": "rgb_miou", "xy": "rgbxy_miou", "p": "paper_t_miou",
+             "s": "single_block_miou"}
+    mean = {"d": 0.674, "u": 0.239, "r": 0.069, "xy": 0.207, "p": 0.657, "s": 0.650}
+    std = dict.fromkeys(mean, 0.01)
+    behind = PairedDifference(-0.018, 0.003, -0.023, -0.015, 0, 3, 3)
+    crossing = PairedDifference(-0.018, 0.03, -0.05, 0.02, 1, 2, 3)
+    assert "0.657, level with the validated choice" in fewshot_findings(mean, std, names, 3)   # means alone
+    assert "0.657, below the validated choice" in fewshot_findings(mean, std, names, 3, {"paper_t_miou": behind})
+    assert "level with" in fewshot_findings(mean, std, names, 3, {"paper_t_miou": crossing})
+    assert "not clearly better" in fewshot_findings(mean, std, names, 3, {"single_block_miou": crossing})
