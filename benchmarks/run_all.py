@@ -1,20 +1,26 @@
-"""Every method at the real topologies (random weights): overhead over the UNet, memory, cost against work.
+"""Every method at the real topologies (random weights): overhead over the denoiser, memory, cost against work.
 
     python benchmarks/run_all.py                                   # CPU, the backbones' default dtype
     python benchmarks/run_all.py --device cuda --dtype float16      # GPU
     python benchmarks/run_all.py --quick --out-dir /tmp/bench       # toy-size smoke run (seconds)
+    python benchmarks/run_all.py --backbone sd3-medium               # every method on SD3-medium's MM-DiT
 
-Backbones (speed and memory do not depend on the weights, so they are random):
+Backbones (speed and memory do not depend on the weights, so they are random). ``--backbone unets`` (default):
   * ADM-256, DDPM-Seg's guided-diffusion UNet (``adm_config("ddpm-seg")``, 553M parameters), for
     feature extraction at 256x256 and the DDPM-Seg ensemble on its 8448-dim features
     (output blocks 5, 6, 7, 8, 12 x t 50, 150, 250);
   * Stable Diffusion 1.5: the full UNet (860M), the full VAE and a 12-layer 768-wide CLIP text tower
     (on our toy tokenizer), for EmerDiff, the cross-attention baseline (DAAM), grounding and dataset
     synthesis at 512x512.
+``--backbone sd3-medium``: every method on Stable Diffusion 3 medium at 512x512: the full MM-DiT (24 joint
+blocks, 24 heads x 64, patch 2: 1024 image tokens; 2.0B), the full 16-channel VAE and both CLIP towers (L and
+bigG) at full size; T5-XXL (4.7B, 19 GB in float32) is left out as the pipeline allows
+(``text_encoder_3=None``): its 256 positions are zeros, so the transformer still reads 77 + 256 text tokens.
 
 For each method and each size of its work (images, K) it measures, in this one process:
-  * ``ratio`` = wall time / (the method's UNet evaluations x one bare UNet forward per image, measured
-    here at the batch size the method uses): its overhead over the UNet it cannot avoid (goal <= 1.2);
+  * ``ratio`` = wall time / (the method's denoiser (UNet or transformer) evaluations x one bare forward per
+    image, measured here at the batch size the method uses): its overhead over the model work it cannot avoid
+    (goal <= 1.2);
     ``ratio+vae`` also counts the VAE encodes/decodes the method cannot avoid in the denominator;
   * peak memory (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: the process's
     RSS sampled every 2 ms, above its value before the call) against ``must hold``: the size of what
@@ -22,13 +28,13 @@ For each method and each size of its work (images, K) it measures, in this one p
   * the growth exponent of time and memory against the work (least-squares slope in log-log) and a
     log-log plot per method (``scaling_<method>_<device>.png``).
 Results go to stdout and, in ``--out-dir``, to ``<run>.json`` (every measured point) and ``<run>.md`` (the table
-and notes), ``<run>`` naming the device, dtype and ``--only`` set; ``benchmarks/results.md`` quotes them. To see where
+and notes), ``<run>`` naming the device, dtype, backbone and ``--only`` set; ``benchmarks/results.md`` quotes them. To see where
 the time of a slow call goes, profile it (``python -m cProfile``); the harness does not.
 
 CPU runs use reduced step counts where a method's cost is a fixed multiple of its steps (printed):
 EmerDiff 1 DDIM step below t_m (the paper: 50 steps over [0, 1000], about 15 below t_m = 281),
 generation 2 steps (paper 50), the MLP ensemble a capped number of batches. ``ratio+vae`` does not
-depend on the step count (every step is the same UNet call); the UNet-only ``ratio`` does: the VAE
+depend on the step count (every step is the same denoiser call); the denoiser-only ``ratio`` does: the VAE
 work per image is fixed, so with 2 steps instead of 50 it weighs ~25x more than at the paper's steps.
 """
 from __future__ import annotations
@@ -120,15 +126,15 @@ class PeakMemory:
         self.peak = self._max - self._base
 
 
-class UNetCounter:
-    """Counts UNet calls and the batch elements they carry (a forward pre-hook), for the report."""
+class DenoiserCounter:
+    """Counts denoiser calls and the batch elements they carry (a forward pre-hook), for the report."""
 
     def __init__(self, unet):
         self.unet, self.calls, self.elements = unet, 0, 0
 
     def __enter__(self):
         def hook(_m, args, kwargs):
-            x = args[0] if args else kwargs["sample"]
+            x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
             self.calls += 1
             self.elements += x.shape[0]
         self._h = self.unet.register_forward_pre_hook(hook, with_kwargs=True)
@@ -139,10 +145,10 @@ class UNetCounter:
 
 
 def run_measured(fn, device: torch.device, unet=None):
-    """(seconds, peak bytes, result) of ``fn()``; with ``unet``, also the UNet batch elements seen during the call
+    """(seconds, peak bytes, result) of ``fn()``; with ``unet``, also the denoiser batch elements seen during the call
     (a 4th item)."""
     if unet is not None:
-        with UNetCounter(unet) as cnt:
+        with DenoiserCounter(unet) as cnt:
             out = run_measured(fn, device)
         return (*out, cnt.elements)
     _sync(device)
@@ -155,7 +161,7 @@ def run_measured(fn, device: torch.device, unet=None):
 
 
 class Bare:
-    """One bare UNet forward (and VAE encode/decode) per image, timed here at a given batch size."""
+    """One bare denoiser forward (and VAE encode/decode) per image, timed here at a given batch size."""
 
     def __init__(self, device: torch.device, repeats: int, max_batch: int | None):
         self.device, self.repeats, self.max_batch = device, repeats, max_batch
@@ -223,7 +229,7 @@ class Point:
     unet_seconds: float = 0.0    # evals x bare forward per element
     vae_seconds: float = 0.0     # unavoidable VAE calls x bare VAE call per image
     note: str = ""
-    seen: int = 0                # UNet batch elements actually run (forward pre-hook)
+    seen: int = 0                # denoiser batch elements actually run (forward pre-hook)
 
     @property
     def ratio(self) -> float:
@@ -292,23 +298,73 @@ def build_sd(device, dtype, quick: bool) -> Backbone:
     return bb
 
 
+def sd3_medium_transformer_config(quick: bool) -> dict:
+    """SD3-medium's ``SD3Transformer2DModel`` config (stabilityai/stable-diffusion-3-medium-diffusers), or a toy one."""
+    if quick:
+        return dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                    pos_embed_max_size=16)
+    return dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                pos_embed_max_size=192)  # sample_size 64: 512x512 images (the checkpoint's native side is 1024)
+
+
+def build_sd3(device, dtype, quick: bool) -> Backbone:
+    """SD3-medium at 512x512: full MM-DiT, full 16-channel VAE, CLIP-L and CLIP-bigG towers; no T5 (zeros)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffseg_utils.backbones import SD3Backbone
+    from diffseg_utils.toy.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(tempfile.mkdtemp(prefix="bench_tok_"), model_max_length=16 if quick else 77)
+
+    def clip(hidden, layers, heads):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=tok.model_max_length, projection_dim=hidden,
+            hidden_act="quick_gelu" if hidden == 768 else "gelu", bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+
+    vae_cfg = {**sd15_vae_config(quick), "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+               "use_quant_conv": False, "use_post_quant_conv": False}
+    enc = (clip(16, 1, 2), clip(16, 1, 2)) if quick else (clip(768, 12, 12), clip(1280, 32, 20))
+    bb = SD3Backbone(transformer=SD3Transformer2DModel(**sd3_medium_transformer_config(quick)),
+                     vae=AutoencoderKL(**vae_cfg), text_encoder=enc[0], text_encoder_2=enc[1], tokenizer=tok,
+                     tokenizer_2=tok, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                     max_sequence_length=8 if quick else 256, name="sd3-tiny" if quick else "sd3-medium",
+                     device=device, dtype=dtype)
+    bb.blocks()  # the one dry run every method starts with, out of the timings
+    return bb
+
+
 def n_params(m) -> float:
     return sum(p.numel() for p in m.parameters()) / 1e6
 
 
 # ---------------------------------------------------------------------------- methods
+def feature_places(bb: Backbone) -> list:
+    """DDPM-Seg's blocks on ADM; on a transformer, three blocks at a third, a half and two thirds of its depth."""
+    if isinstance(bb, PixelBackbone):
+        return ADM_BLOCKS
+    names = bb.feature_blocks()
+    return [names[i] for i in sorted({len(names) // 3, len(names) // 2, 2 * len(names) // 3})]
+
+
 def bench_features(bb: Backbone, bare: Bare, plan: dict) -> tuple[Method, object]:
     """DDPM-Seg feature extraction at the backbone's resolution; work = images."""
     from diffseg_utils.features import extract_features
 
     bs = plan["feature_batch"]
-    m = Method("features", "images", f"{bb.name} {bb.resolution}px, ADM blocks {ADM_BLOCKS} x t {ADM_TIMESTEPS}, "
-                                     f"batch {bs} image(s) x {len(ADM_TIMESTEPS)} t per UNet call")
+    blocks = feature_places(bb)
+    m = Method("features", "images", f"{bb.name} {bb.resolution}px, blocks {blocks} x t {ADM_TIMESTEPS}, "
+                                     f"batch {bs} image(s) x {len(ADM_TIMESTEPS)} t per denoiser call")
     fm = None
     for n in plan["feature_images"]:
         imgs = torch.rand(n, 3, bb.resolution, bb.resolution)
         secs, peak, fm, seen = run_measured(
-            lambda: extract_features(bb, imgs, ADM_BLOCKS, ADM_TIMESTEPS, batch_size=bs, progress=False),
+            lambda: extract_features(bb, imgs, blocks, ADM_TIMESTEPS, batch_size=bs, progress=False),
             bb.device, unet=bb.denoiser)
         evals = len(ADM_TIMESTEPS) * n
         ub = len(ADM_TIMESTEPS) * min(bs, n)
@@ -358,7 +414,7 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict) -> Method:
     steps = plan["emerdiff_steps"]
     chunk, dec = 16, 8
     m = Method("emerdiff", "K", f"{bb.name} {bb.resolution}px, 1 image, t_m = 281, num_steps={steps}"
-                                f" (DDIM steps below t_m: see evals), chunk_size {chunk}, decode_batch_size {dec}")
+                                f" (sampler steps below t_m: see evals), chunk_size {chunk}, decode_batch_size {dec}")
     img = torch.rand(1, 3, bb.resolution, bb.resolution)
     deadline = plan.get("deadline")
     for i, K in enumerate(plan["emerdiff_K"]):
@@ -380,8 +436,9 @@ def bench_emerdiff(bb: Backbone, bare: Bare, plan: dict) -> Method:
         hold = 2 * k_eff * bb.latent_channels * r * r * bb.dtype.itemsize + K * bb.resolution ** 2 * 4
         m.points.append(Point(K, secs, peak, hold, evals, evals * bare.unet(bb, min(chunk, 2 * k_eff)),
                               bare.encode(bb) + 2 * k_eff * bare.decode(bb, dec),
-                              note=f"{k_eff} segments, {len(ts)} UNet steps per run {ts}; the t_m pass runs "
-                                   "the shared prefix once (batch 1)", seen=seen))
+                              note=f"{k_eff} segments, {len(ts)} denoiser steps per run {ts}"
+                                   + ("; the t_m pass runs the shared prefix once (batch 1)" if seen < evals else ""),
+                              seen=seen))
     m.memory_note = ("must hold = the 2K final latents + the K float32 difference maps at image size "
                      "(from shapes); decoded images are reduced chunk by chunk")
     return m
@@ -395,20 +452,31 @@ def _prompts(n: int) -> tuple[list[str], list[str]]:
 
 
 def bench_daam(bb: Backbone, bare: Bare, plan: dict) -> Method:
-    from diffseg_utils.attention_maps import daam_segment
+    """Attention maps of a generation: DAAM on a UNet; joint cross-attention and ConceptAttention on an MM-DiT
+    (as protocol I collects them); work = images."""
+    from diffseg_utils.grounding.protocols import attention_maps, attention_masks
+    from diffseg_utils.joint_attention import has_joint_blocks
+    from diffseg_utils.sampling import generate
 
-    steps = plan["gen_steps"]
-    m = Method("daam", "images", f"{bb.name} {bb.resolution}px, DDIM {steps} steps, guidance 7.5 (batch 2N)")
+    steps, joint = plan["gen_steps"], has_joint_blocks(bb)
+    kind = "joint cross-attention + ConceptAttention (all joint blocks)" if joint else "DAAM"
+    m = Method("daam", "images", f"{bb.name} {bb.resolution}px, {kind}, {steps} sampler steps, guidance 7.5 (batch 2N)")
     L = bb.tokenizer.model_max_length
+
+    def run(prompts, words):
+        concepts = sorted(set(words)) + ["background"]
+        with attention_maps(bb, cfg_batch=True, concepts=concepts if joint else None) as maps:
+            images = generate(bb, prompts, num_steps=steps, guidance_scale=7.5)
+        return attention_masks(maps, prompts, [[w] for w in words], images.shape[-1])
+
     for n in plan["gen_images"]:
         prompts, words = _prompts(n)
-        secs, peak, _, seen = run_measured(
-            lambda: daam_segment(bb, prompts, words, num_steps=steps, guidance_scale=7.5), bb.device, unet=bb.denoiser)
+        secs, peak, _, seen = run_measured(lambda: run(prompts, words), bb.device, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
         m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
                               seen=seen))
-    m.memory_note = "must hold = the running (N, tokens, 64, 64) float32 sum of heat maps"
+    m.memory_note = "must hold = the running (N, tokens, h, w) float32 sum of maps (bounded by the latent grid)"
     return m
 
 
@@ -418,7 +486,7 @@ def bench_grounding(bb: Backbone, bare: Bare, plan: dict) -> Method:
 
     steps = plan["gen_steps"]
     gm = GroundingModule.for_backbone(bb)
-    m = Method("grounding", "images", f"{bb.name} {bb.resolution}px, generate_with_features (DDIM {steps} steps, "
+    m = Method("grounding", "images", f"{bb.name} {bb.resolution}px, generate_with_features ({steps} sampler steps, "
                                       f"guidance 5) + GroundingModule.predict ({n_params(gm):.1f}M params, fp32)")
 
     def run(prompts, words):
@@ -463,7 +531,7 @@ def bench_synthesis(bb: Backbone, bare: Bare, plan: dict) -> list[Method]:
     steps, bs = plan["gen_steps"], plan["synth_batch"]
     names = list(CATEGORIES[:4])
     labeler = SegmenterLabeler(_ChannelSegmenter(names))
-    m = Method("synthesis", "samples", f"{bb.name} {bb.resolution}px, synthesize(): DDIM {steps} steps, guidance 5, "
+    m = Method("synthesis", "samples", f"{bb.name} {bb.resolution}px, synthesize(): {steps} sampler steps, guidance 5, "
                                        f"batch {bs}, features kept, stand-in labeler, shards on local disk")
     root = Path(tempfile.mkdtemp(prefix="bench_synth_"))
     last = None
@@ -509,7 +577,7 @@ def plot(m: Method, path: Path) -> None:
     ax.loglog(w, [p.seconds for p in pts], "o-", label=f"wall time (slope {m.exponent('seconds'):.2f})")
     if any(p.unet_seconds for p in pts):
         ax.loglog(w, [p.unet_seconds + p.vae_seconds for p in pts], "k--", lw=0.8,
-                  label="bare UNet x evals" + (" + VAE" if any(p.vae_seconds for p in pts) else ""))
+                  label="bare denoiser x evals" + (" + VAE" if any(p.vae_seconds for p in pts) else ""))
     ax.set_ylabel("seconds")
     ax2.loglog(w, [max(p.peak, 1) / 2**20 for p in pts], "s-", color="C1",
                label=f"peak (slope {m.exponent('peak'):.2f})")
@@ -533,7 +601,7 @@ def plot(m: Method, path: Path) -> None:
 
 
 def table(methods: list[Method]) -> list[str]:
-    out = ["| method | work | seconds | UNet evals (run) | bare UNet x evals (s) | ratio (goal <= 1.2) | ratio+vae | "
+    out = ["| method | work | seconds | denoiser evals (run) | bare denoiser x evals (s) | ratio (goal <= 1.2) | ratio+vae | "
            "peak mem | must hold | note |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
@@ -552,7 +620,7 @@ def report(methods: list[Method], env: dict, plan: dict, args) -> str:
              f"device {env['device']}, dtype {env['dtype']}{' (--quick: toy sizes, ratios not meaningful)' if args.quick else ''}",
              f"- backbones: {env['backbones']}",
              f"- load average (1 min) at start / end: {env['load']}",
-             f"- bare UNet forward per image: {env['bare']}",
+             f"- bare denoiser forward per image: {env['bare']}",
              f"- reduced work on this run: {plan['reduced']}", "", *table(methods), "",
              "Growth exponents (least-squares slope of log cost against log work; time should be ~1 in images and "
              "K, memory should not grow like the dense store):", ""]
@@ -568,9 +636,11 @@ def report(methods: list[Method], env: dict, plan: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_key(device: torch.device, dtype: torch.dtype, quick: bool, only: set[str]) -> str:
-    """The name of a run's files: device, dtype, --quick and the --only set (a run of some methods is its own run)."""
+def run_key(device: torch.device, dtype: torch.dtype, quick: bool, only: set[str], backbone: str = "unets") -> str:
+    """The name of a run's files: device, dtype, --quick, the backbone and the --only set (a run of some methods is
+    its own run)."""
     key = f"{device.type}-{str(dtype).replace('torch.', '')}{'-quick' if quick else ''}"
+    key += "" if backbone == "unets" else f"-{backbone}"
     return key if set(only) == set(METHODS) else key + "-only-" + "+".join(m for m in METHODS if m in only)
 
 
@@ -599,6 +669,14 @@ PLANS = {
                         "each K costs 2K VAE decodes of ~30 s at 512x512 on 2 cores); generation 2 DDIM steps (paper 50); the ensemble "
                         "100 batches (paper: to early stopping); bare forwards timed at batch <= 4 (per-image cost "
                         "is flat in the batch on a CPU)"),
+    # overrides of "cpu" for --backbone sd3-medium: one size per method (a forward of the 2B MM-DiT over 1024 image
+    # + 333 text tokens takes about a minute on 2 cores); the growth exponents are the UNet runs'
+    "cpu-sd3": dict(feature_images=[1], predict_images=[1], emerdiff_K=[3], gen_images=[1], synth_samples=[1],
+                    synth_batch=1, train_steps=2, max_bare_batch=1,
+                    reduced="one size per method (features 1 image, EmerDiff K = 3 with num_steps=1, DAAM and "
+                            "grounding 1 image, synthesis 1 sample), generation 2 flow steps (SD3's default 28), the "
+                            "ensemble 100 batches; bare forwards timed at batch 1 (per-image cost is flat in the "
+                            "batch on a CPU)"),
     "cuda": dict(feature_images=[2, 4, 8], feature_batch=8, ensemble_steps=1000, predict_images=[2, 4], emerdiff_K=[10, 20, 40],
                  emerdiff_steps=50, gen_images=[1, 2, 4], gen_steps=50, synth_samples=[4, 8, 16], synth_batch=4,
                  train_steps=50, repeats=3, max_bare_batch=None,
@@ -614,6 +692,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="toy-size models, a few seconds (smoke test)")
     ap.add_argument("--only", nargs="*", default=None,
                     choices=METHODS)
+    ap.add_argument("--backbone", default="unets", choices=["unets", "sd3-medium"],
+                    help="unets: ADM-256 for features and DDPM-Seg, SD 1.5 for the others; sd3-medium: every method "
+                         "on SD3-medium")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "runs",
                     help="where <run>.json, <run>.md and the plots go (default: benchmarks/runs/)")
     ap.add_argument("--budget", type=float, default=None,
@@ -624,12 +705,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     plan = dict(PLANS["quick" if a.quick else ("cuda" if device.type == "cuda" else "cpu")])
+    if a.backbone == "sd3-medium" and device.type == "cpu" and not a.quick:
+        plan.update(PLANS["cpu-sd3"])
     budget = a.budget if a.budget is not None else (3000.0 if device.type == "cpu" and not a.quick else None)
     only = set(a.only or METHODS)
     bare = Bare(device, plan["repeats"], plan["max_bare_batch"])
     a.out_dir.mkdir(parents=True, exist_ok=True)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    env = {"key": run_key(device, dtype, a.quick, only),
+    env = {"key": run_key(device, dtype, a.quick, only, a.backbone),
            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "machine": f"{dev_name}; {os.cpu_count()} CPU(s) visible; {platform.platform()}",
            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "load0": os.getloadavg()[0]}
@@ -662,13 +745,28 @@ def main(argv: list[str] | None = None) -> None:
                  for p in m.points]} for m in methods]}, indent=1))
         return section
 
+    def describe(bb: Backbone) -> str:
+        parts = [f"{bb.name} {type(bb.denoiser).__name__} {n_params(bb.denoiser):.0f}M"]
+        if bb.vae is not None:
+            parts.append(f"VAE {n_params(bb.vae):.0f}M")
+        if bb.text_encoders:
+            parts.append("text " + " + ".join(f"{n_params(t):.0f}M" for t in bb.text_encoders))
+        return " + ".join(parts)
+
+    gen = None
+    if a.backbone == "sd3-medium":
+        gen = build_sd3(device, dtype, a.quick)
+        bbs.append(describe(gen))
+        log(f"built {gen}")
     if only & {"features", "ddpmseg"}:
-        adm = build_adm(device, dtype, a.quick)
-        bbs.append(f"{adm.name} UNet {n_params(adm.denoiser):.0f}M")
-        log(f"built {adm}")
+        adm = gen or build_adm(device, dtype, a.quick)
+        if gen is None:
+            bbs.append(describe(adm))
+            log(f"built {adm}")
         m, fm = bench_features(adm, bare, plan)
         methods.append(m)
-        bare_txt.append(f"{adm.name} {1e3 * bare.unet(adm, 3 * min(plan['feature_batch'], 1)):.0f} ms")
+        bare_txt.append(f"{adm.name} {1e3 * bare.unet(adm, 3 * plan['feature_batch']):.0f} ms "
+                        f"(batch {bare._batch(3 * plan['feature_batch'])})")
         log(f"features done: ratios {[round(p.ratio, 2) for p in m.points]}")
         flush(final=False)
         if "ddpmseg" in only:
@@ -677,10 +775,10 @@ def main(argv: list[str] | None = None) -> None:
             flush(final=False)
         del adm, fm
     if only & {"emerdiff", "daam", "grounding", "synthesis"}:
-        sd = build_sd(device, dtype, a.quick)
-        bbs.append(f"{sd.name} UNet {n_params(sd.denoiser):.0f}M + VAE {n_params(sd.vae):.0f}M + text "
-                   f"{n_params(sd.text_encoder):.0f}M")
-        log(f"built {sd}")
+        sd = gen or build_sd(device, dtype, a.quick)
+        if gen is None:
+            bbs.append(describe(sd))
+            log(f"built {sd}")
         for name, fn in (("daam", bench_daam), ("grounding", bench_grounding), ("synthesis", bench_synthesis),
                          ("emerdiff", bench_emerdiff)):  # EmerDiff last: its largest K fills the time left
             if name in only:

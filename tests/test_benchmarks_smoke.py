@@ -21,18 +21,20 @@ METHODS = ["features", "ddpmseg-fit", "ddpmseg-predict", "emerdiff", "daam", "gr
            "grounding-train"]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["unets", "sd3-medium"])
+def quick_run(request, tmp_path_factory):
+    """The toy-size run on the UNets (ADM + SD 1.5) and on the SD3 MM-DiT (every method on one backbone)."""
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out-dir", str(out),
+                           "--backbone", request.param], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout, json.loads((out / "cpu-float32-quick.json").read_text())
+    key = "cpu-float32-quick" + ("" if request.param == "unets" else f"-{request.param}")
+    return out, proc.stdout, json.loads((out / f"{key}.json").read_text()), key
 
 
 def test_every_method_reports_its_figures(quick_run):
-    out, stdout, res = quick_run
+    out, stdout, res, key = quick_run
     by_name = {m["name"]: m for m in res["methods"]}
     assert sorted(by_name) == sorted(METHODS)
     for name in ("features", "emerdiff", "daam", "grounding", "synthesis"):
@@ -45,7 +47,7 @@ def test_every_method_reports_its_figures(quick_run):
         assert (out / f"scaling_{name}_cpu.png").stat().st_size > 1000
     for name in ("ddpmseg-fit", "ddpmseg-predict", "grounding-train"):
         assert by_name[name]["points"][0]["seconds"] > 0
-    text = (out / "cpu-float32-quick.md").read_text()
+    text = (out / f"{key}.md").read_text()
     assert "ratio (goal <= 1.2)" in text
     for name in METHODS:
         assert f"| {name} |" in text and f"| {name} |" in stdout
@@ -54,13 +56,16 @@ def test_every_method_reports_its_figures(quick_run):
 def test_unet_evaluations_match_the_calls_made(quick_run):
     """The denominator counts what the method must evaluate; the forward pre-hook counts what it did.
 
-    Features, DAAM, grounding and synthesis make exactly their required UNet evaluations (a
-    redundant UNet call would show here); EmerDiff makes fewer batch elements than its minimum count,
-    because the t_m pass shares the UNet prefix (run once at batch 1) across its 2K runs."""
-    _, _, res = quick_run
+    Features, the attention maps, grounding and synthesis make exactly their required denoiser evaluations
+    (a redundant call would show here); EmerDiff on a UNet makes fewer batch elements than its minimum count,
+    because the t_m pass shares the UNet prefix (run once at batch 1) across its 2K runs; on the MM-DiT
+    (no shared prefix) exactly its count."""
+    _, _, res, key = quick_run
     for m in res["methods"]:
         for p in m["points"]:
-            if m["name"] == "emerdiff":
+            if m["name"] == "emerdiff" and "sd3" in key:
+                assert p["seen"] == p["unet_evals"], p
+            elif m["name"] == "emerdiff":
                 assert 0 < p["seen"] < p["unet_evals"], p
             elif m["name"] in ("features", "daam", "grounding", "synthesis"):
                 assert p["seen"] == p["unet_evals"], (m["name"], p)
@@ -78,6 +83,7 @@ def test_a_run_of_some_methods_is_its_own_run():
     sd = run_key(cpu, f32, False, {"emerdiff", "daam"})
     adm = run_key(cpu, f32, False, {"ddpmseg", "features"})
     assert sd == "cpu-float32-only-emerdiff+daam" and adm == "cpu-float32-only-features+ddpmseg"
+    assert run_key(cpu, f32, False, set(ALL), "sd3-medium") == "cpu-float32-sd3-medium"
     assert run_key(cpu, f32, True, {"daam"}) == "cpu-float32-quick-only-daam"
 
 
