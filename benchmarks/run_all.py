@@ -368,7 +368,8 @@ def bench_features(bb: Backbone, bare: Bare, plan: dict) -> tuple[Method, object
             bb.device, unet=bb.denoiser)
         evals = len(ADM_TIMESTEPS) * n
         ub = len(ADM_TIMESTEPS) * min(bs, n)
-        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, evals * bare.unet(bb, ub, t=ADM_TIMESTEPS[0]), seen=seen))
+        m.points.append(Point(n, secs, peak, fm.nbytes(), evals, evals * bare.unet(bb, ub, t=ADM_TIMESTEPS[0]),
+                              n * bare.encode(bb), seen=seen))  # a latent model must also encode each image
     dense = fm.channels * bb.resolution ** 2 * 4
     m.memory_note = (f"must hold = the lazy fp16 store ({mib(fm.nbytes() / fm.num_images)} / image, {fm.channels} "
                      f"dims at native resolutions); DDPM-Seg's dense fp32 store would be {mib(dense)} / image "

@@ -18,12 +18,14 @@
 >>> jam.concept_masks([["circle"]], 64)           # ConceptAttention: argmax concept == "circle"
 
 How the concept stream runs: after a joint block's normal forward (untouched), the block is
-called once more with the concept tokens in place of the text tokens (Flux: at position zero),
-and that call's text-stream output is the concept stream's next state; its image output is
-thrown away. So the concept tokens see exactly the weights the text tokens see, at the price of
-a second pass of each block up to the last chosen layer. Only joint blocks whose text stream
-continues can carry it (not SD3's last block, ``context_pre_only``, nor Flux's single-stream
-blocks, which have no separate text weights).
+called once more with the concept tokens in place of the text tokens (Flux: at position zero)
+and a single stand-in image token, its attention processor swapped for one whose concept
+queries attend to the concept keys and to the image keys and values the normal forward just
+computed; that call's text-stream output is the concept stream's next state. So the concept
+tokens see exactly the weights the text tokens see, and the image stream is computed once (the
+second call costs the K concept tokens, not a second pass over the image). Only joint blocks
+whose text stream continues can carry it (not SD3's last block, ``context_pre_only``, nor Flux's
+single-stream blocks, which have no separate text weights).
 """
 from __future__ import annotations
 
@@ -136,10 +138,14 @@ class JointAttentionMaps:
             if self._c0 is not None and i in self.layers:  # the attention outputs the concept maps compare
                 self._handles.append(attn.to_out[0].register_forward_pre_hook(lambda m, a, i=i: self._grab("img", i, a[0])))
                 self._handles.append(attn.to_add_out.register_forward_pre_hook(lambda m, a, i=i: self._grab("txt", i, a[0])))
+            grab = set()
             if self.cross and i in self.layers:  # the projections the joint probabilities are recomputed from
-                for name in ("to_q", "to_k", "add_k_proj"):
-                    self._handles.append(getattr(attn, name).register_forward_hook(
-                        lambda m, a, out, i=i, name=name: self._grab(name, i, out)))
+                grab |= {"to_q", "to_k", "add_k_proj"}
+            if self._c0 is not None:             # the image keys and values the concept queries attend to
+                grab |= {"to_k", "to_v"}
+            for name in sorted(grab):
+                self._handles.append(getattr(attn, name).register_forward_hook(
+                    lambda m, a, out, i=i, name=name: self._grab(name, i, out)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -170,22 +176,25 @@ class JointAttentionMaps:
         if self._c0 is None:
             return
         B = text.shape[0]
-        if self._state is None:
-            self._state = self._c0[None].expand(B, -1, -1)
-        kw = dict(kwargs, encoder_hidden_states=self._state)
-        rot = kwargs.get("image_rotary_emb")
-        if rot is not None:  # Flux: text first, all text positions are zero; concepts at position zero too
-            L, K = text.shape[1], self._state.shape[1]
-            kw["image_rotary_emb"] = tuple(torch.cat([r[:1].expand(K, -1), r[L:]]) for r in rot)
+        if self._state is None:  # the concept stream runs on the recorded rows only
+            self._state = self._c0[None].expand(len(self._select(text)), -1, -1)
+        # the block once more: concepts for text, one stand-in image token (its output is discarded); the
+        # swapped processor takes the image keys / values from the call above
+        kw = {k: self._select(v) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == B else v
+              for k, v in kwargs.items()}
+        kw["hidden_states"], kw["encoder_hidden_states"] = kw["hidden_states"][:, :1], self._state
+        attn, proc = block.attn, block.attn.processor
+        attn.processor = _ConceptStream(self, i, text.shape[1], kwargs.get("image_rotary_emb"))
         self._phase = "concept"
         try:
-            new_state, _ = block(**kw)
+            new_state, _ = block.forward(**kw)  # not block(...): hooks on the block (feature captures) see one call
         finally:
             self._phase = "real"
+            attn.processor = proc
         if i in self.layers:
             img = self._grabbed[("real", "img", i)]          # (B, N, W): image attention outputs, pre-projection
-            con = self._grabbed[("concept", "txt", i)]       # (B, K, W): concept attention outputs, pre-projection
-            sim = torch.einsum("bnw,bkw->bkn", self._select(img).float(), self._select(con).float())
+            con = self._grabbed[("concept", "txt", i)]       # (B', K, W): concept attention outputs, pre-projection
+            sim = torch.einsum("bnw,bkw->bkn", self._select(img).float(), con.float())
             maps = sim.softmax(dim=1)                         # over concepts
             self._add("_concept_sum", tokens_to_map(maps.transpose(1, 2), grid))
         self._state = new_state
@@ -195,12 +204,9 @@ class JointAttentionMaps:
         g = self._grabbed
         d = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
 
-        def heads(x, norm):
-            x = x.unflatten(-1, (-1, d))                      # (B, S, heads, d)
-            return norm(x) if norm is not None else x
-        q = heads(g[("real", "to_q", i)], getattr(attn, "norm_q", None))
-        k_img = heads(g[("real", "to_k", i)], getattr(attn, "norm_k", None))
-        k_txt = heads(g[("real", "add_k_proj", i)], getattr(attn, "norm_added_k", None))
+        q = _heads(g[("real", "to_q", i)], d, getattr(attn, "norm_q", None))       # (B, N, heads, d)
+        k_img = _heads(g[("real", "to_k", i)], d, getattr(attn, "norm_k", None))
+        k_txt = _heads(g[("real", "add_k_proj", i)], d, getattr(attn, "norm_added_k", None))
         rot = kwargs.get("image_rotary_emb")
         if rot is not None:
             from diffusers.models.embeddings import apply_rotary_emb
@@ -265,6 +271,43 @@ class JointAttentionMaps:
         idx = torch.tensor([[self.concepts.index(c) for c in r] + [-1] * (width - len(r)) for r in rows],
                            device=labels.device)                                                      # (N, W)
         return labels[:, None] == idx[:, :, None, None]
+
+
+def _heads(x: torch.Tensor, d: int, norm=None) -> torch.Tensor:
+    """(B, S, heads * d) -> (B, S, heads, d), with the attention's per-head norm when it has one."""
+    x = x.unflatten(-1, (-1, d))
+    return norm(x) if norm is not None else x
+
+
+class _ConceptStream:
+    """Attention processor of a joint block during the concept call: concept queries over [concept keys, the
+    image keys of the block's normal forward]; returns (a zero stand-in image output, the concept outputs
+    through ``to_add_out``). Used only inside :meth:`JointAttentionMaps._after_block`."""
+
+    def __init__(self, maps: "JointAttentionMaps", i: int, text_len: int, rotary=None):
+        self.maps, self.i, self.L, self.rotary = maps, i, text_len, rotary
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **_):
+        m, i = self.maps, self.i
+        d = attn.head_dim if hasattr(attn, "head_dim") else attn.inner_dim // attn.heads
+        c = encoder_hidden_states
+        q_c = _heads(attn.add_q_proj(c), d, getattr(attn, "norm_added_q", None))
+        k_c = _heads(attn.add_k_proj(c), d, getattr(attn, "norm_added_k", None))
+        v_c = _heads(attn.add_v_proj(c), d)
+        k_img = m._select(_heads(m._grabbed[("real", "to_k", i)], d, getattr(attn, "norm_k", None)))
+        v_img = m._select(_heads(m._grabbed[("real", "to_v", i)], d))
+        if self.rotary is not None:  # Flux: image tokens at their positions, concepts at position zero (as text)
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            zero = tuple(r[:1].expand(c.shape[1], -1) for r in self.rotary)
+            q_c = apply_rotary_emb(q_c, zero, sequence_dim=1)
+            k_c = apply_rotary_emb(k_c, zero, sequence_dim=1)
+            k_img = apply_rotary_emb(k_img, tuple(r[self.L:] for r in self.rotary), sequence_dim=1)
+        out = F.scaled_dot_product_attention(q_c.transpose(1, 2), torch.cat([k_c, k_img], 1).transpose(1, 2),
+                                             torch.cat([v_c, v_img], 1).transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2).to(c.dtype)                          # (B', K, W)
+        return hidden_states.new_zeros(hidden_states.shape[0], 1, attn.to_out[0].out_features), attn.to_add_out(out)
 
 
 @dataclass

@@ -170,6 +170,50 @@ def test_joint_attention_maps_leave_generation_bitwise_unchanged(family):
 
 
 @pytest.mark.slow
+def test_concept_stream_equals_the_blocks_own_forward(family):
+    """The concept stream's lean call (image keys / values reused, one stand-in image token) equals running the
+    whole first joint block on [image, concepts] (Flux: concepts at rotary position zero), and block captures
+    inside the maps see the normal forward only."""
+    from diffseg_utils.joint_attention import JointAttentionMaps, concept_tokens
+
+    name, _, bb = family
+    if name not in ("sd3", "flux"):
+        return
+    concepts = ["star", "ring", "background"]
+    r = bb.latent_resolution
+    x = torch.randn(2, bb.latent_channels, r, r, generator=torch.Generator().manual_seed(1))
+    cond = bb.encode_prompt(["", PROMPTS[1]])
+    blk = bb.denoiser.transformer_blocks[0]
+    got: dict = {}
+
+    def keep(key, value, first=True):  # returns None: the hooks only look
+        if not (first and key in got):
+            got[key] = value
+    hooks = [blk.register_forward_pre_hook(lambda m, a, kw: keep("kw", kw), with_kwargs=True),
+             blk.attn.to_out[0].register_forward_pre_hook(lambda m, a: keep("img", a[0])),
+             blk.attn.to_add_out.register_forward_pre_hook(lambda m, a: keep("con", a[0], first=False))]
+    try:
+        with bb.capture(["transformer_blocks.0"]) as plain:
+            bb.predict(x, 600, cond)
+        kw, K = dict(got["kw"]), len(concepts)
+        kw["encoder_hidden_states"] = bb.denoiser.context_embedder(concept_tokens(bb, concepts))[None].expand(2, -1, -1)
+        if kw.get("image_rotary_emb") is not None:
+            L = cond.embeds.shape[1]
+            kw["image_rotary_emb"] = tuple(torch.cat([t[:1].expand(K, -1), t[L:]]) for t in kw["image_rotary_emb"])
+        blk(**kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    grid = r // bb._denoiser_stride()
+    want = torch.einsum("bnw,bkw->bkn", got["img"], got["con"]).softmax(1)[1:].reshape(1, K, grid, grid)
+    with JointAttentionMaps(bb, concepts=concepts, layers=[0], rows="second_half") as jam:
+        with bb.capture(["transformer_blocks.0"]) as cap:
+            bb.predict(x, 600, cond)
+    torch.testing.assert_close(jam.concept_maps, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(cap.outputs["transformer_blocks.0"], plain.outputs["transformer_blocks.0"])
+
+
+@pytest.mark.slow
 def test_daam_on_cross_attention_families(family):
     """DAAM's cross-attention maps on SDXL (UNet) and PixArt-Σ (DiT cross-attention to T5)."""
     from diffseg_utils import daam_segment
