@@ -195,6 +195,24 @@ class Bare:
         return self.cache[key]
 
     @torch.no_grad()
+    def with_maps(self, bb: Backbone, concepts: list[str]) -> float:
+        """Seconds per batch element that recording the attention maps adds to a guided ``[uncond; cond]`` call."""
+        from diffseg_utils.grounding.protocols import attention_maps
+
+        key = ("maps", id(bb), tuple(concepts))
+        if key not in self.cache:
+            r = bb.latent_resolution
+            x = torch.randn(2, bb.latent_channels, r, r, device=bb.device, dtype=bb.dtype)
+            tt = torch.full((2,), 281, device=bb.device, dtype=torch.long)
+            cond = bb.empty_prompt(2)
+
+            def call():
+                with attention_maps(bb, cfg_batch=True, concepts=concepts):
+                    bb.predict(x, tt, cond)
+            self.cache[key] = max(0.0, self._time(call) / 2 - self.unet(bb, 2))
+        return self.cache[key]
+
+    @torch.no_grad()
     def decode(self, bb: Backbone, batch: int) -> float:
         if bb.vae is None:
             return 0.0
@@ -475,8 +493,12 @@ def bench_daam(bb: Backbone, bare: Bare, plan: dict) -> Method:
         secs, peak, _, seen = run_measured(lambda: run(prompts, words), bb.device, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
-        m.points.append(Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n),
-                              seen=seen))
+        p = Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n), seen=seen)
+        if joint:  # the maps' own arithmetic (the joint softmax of the image queries, recomputed per layer)
+            extra = bare.with_maps(bb, sorted(set(words)) + ["background"]) * evals
+            p.note = (f"the maps' own computation, timed here (a guided call with the maps on minus a bare one): "
+                      f"{extra:.1f} s; wall / (bare + VAE + that) = {secs / (p.unet_seconds + p.vae_seconds + extra):.2f}")
+        m.points.append(p)
     m.memory_note = "must hold = the running (N, tokens, h, w) float32 sum of maps (bounded by the latent grid)"
     return m
 

@@ -215,7 +215,9 @@ class JointAttentionMaps:
             k_img = apply_rotary_emb(k_img, tuple(r[L:] for r in rot), sequence_dim=1)
             k_txt = apply_rotary_emb(k_txt, tuple(r[:L] for r in rot), sequence_dim=1)
         q, k = self._select(q).float(), self._select(torch.cat([k_txt, k_img], 1)).float()
-        probs = torch.einsum("bnhd,bshd->bhns", q, k).mul_(getattr(attn, "scale", d ** -0.5)).softmax(-1)[..., :L].mean(1)  # (B, N, L)
+        logits = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(getattr(attn, "scale", d ** -0.5))
+        e = logits.sub_(logits.amax(-1, keepdim=True)).exp_()                # (B, heads, N, L + N), in place
+        probs = (e[..., :L] / e.sum(-1, keepdim=True)).mean(1)               # (B, N, L): only the text columns
         self._add("_cross_sum", tokens_to_map(probs, grid))
 
     def _add(self, name: str, m: torch.Tensor) -> None:
