@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     plan["deadline"] = t_start + budget if budget else None
     methods: list[Method] = []
-    bbs, bare_txt = [], []
+    bbs, bare_txt = [], {}  # (backbone, batch) -> its bare forward, reported once
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
@@ -751,7 +751,7 @@ def main(argv: list[str] | None = None) -> None:
         """Write <run>.md and <run>.json now (after every method, so an interrupted run keeps what it measured)."""
         env["backbones"] = "; ".join(bbs)
         env["load"] = f"{env['load0']:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
-        env["bare"] = ", ".join(bare_txt) or "see the table"
+        env["bare"] = ", ".join(bare_txt.values()) or "see the table"
         if final:
             for m in methods:
                 if len(m.points) > 1:
@@ -788,8 +788,8 @@ def main(argv: list[str] | None = None) -> None:
             log(f"built {adm}")
         m, fm = bench_features(adm, bare, plan)
         methods.append(m)
-        bare_txt.append(f"{adm.name} {1e3 * bare.unet(adm, 3 * plan['feature_batch']):.0f} ms "
-                        f"(batch {bare._batch(3 * plan['feature_batch'])})")
+        b = bare._batch(3 * plan["feature_batch"])
+        bare_txt[(adm.name, b)] = f"{adm.name} {1e3 * bare.unet(adm, b):.0f} ms (batch {b})"
         log(f"features done: ratios {[round(p.ratio, 2) for p in m.points]}")
         flush(final=False)
         if "ddpmseg" in only:
@@ -809,9 +809,9 @@ def main(argv: list[str] | None = None) -> None:
                 methods += got if isinstance(got, list) else [got]
                 log(f"{name} done")
                 flush(final=False)
-        bare_txt.append(f"{sd.name} {1e3 * bare.unet(sd, 1):.0f} ms (batch 1)")
+        bare_txt.setdefault((sd.name, 1), f"{sd.name} {1e3 * bare.unet(sd, 1):.0f} ms (batch 1)")
         if sd.vae is not None:
-            bare_txt.append(f"VAE decode {1e3 * bare.decode(sd, 1):.0f} ms, encode {1e3 * bare.encode(sd):.0f} ms")
+            bare_txt.setdefault("vae", f"VAE decode {1e3 * bare.decode(sd, 1):.0f} ms, encode {1e3 * bare.encode(sd):.0f} ms")
     print(flush(final=True))
 
 
