@@ -169,6 +169,13 @@ class JointAttentionMaps:
     def _after_block(self, i: int, block, kwargs: dict, out) -> None:
         if self._phase != "real":
             return
+        try:
+            self._read_block(i, block, kwargs)
+        finally:  # this block's grabbed projections are used up: hold one block's worth at a time
+            for key in [k for k in self._grabbed if k[2] == i]:
+                del self._grabbed[key]
+
+    def _read_block(self, i: int, block, kwargs: dict) -> None:
         text = kwargs["encoder_hidden_states"]
         grid = self.backbone._grid
         if self.cross and i in self.layers:
