@@ -482,20 +482,20 @@ def bench_daam(bb: Backbone, bare: Bare, plan: dict) -> Method:
     m = Method("daam", "images", f"{bb.name} {bb.resolution}px, {kind}, {steps} sampler steps, guidance 7.5 (batch 2N)")
     L = bb.tokenizer.model_max_length
 
-    def run(prompts, words):
-        concepts = sorted(set(words)) + ["background"]
+    def run(prompts, words, concepts):
         with attention_maps(bb, cfg_batch=True, concepts=concepts if joint else None) as maps:
             images = generate(bb, prompts, num_steps=steps, guidance_scale=7.5)
         return attention_masks(maps, prompts, [[w] for w in words], images.shape[-1])
 
     for n in plan["gen_images"]:
         prompts, words = _prompts(n)
-        secs, peak, _, seen = run_measured(lambda: run(prompts, words), bb.device, unet=bb.denoiser)
+        concepts = sorted(set(words)) + ["background"]
+        secs, peak, _, seen = run_measured(lambda: run(prompts, words, concepts), bb.device, unet=bb.denoiser)
         evals = 2 * n * steps
         hold = n * L * bb.latent_resolution ** 2 * 4
         p = Point(n, secs, peak, hold, evals, evals * bare.unet(bb, 2 * n), n * bare.decode(bb, n), seen=seen)
         if joint:  # the maps' own arithmetic (the joint softmax of the image queries, recomputed per layer)
-            extra = bare.with_maps(bb, sorted(set(words)) + ["background"]) * evals
+            extra = bare.with_maps(bb, concepts) * evals
             p.note = (f"the maps' own computation, timed here (a guided call with the maps on minus a bare one): "
                       f"{extra:.1f} s; wall / (bare + VAE + that) = {secs / (p.unet_seconds + p.vae_seconds + extra):.2f}")
         m.points.append(p)
@@ -692,8 +692,8 @@ PLANS = {
                         "each K costs 2K VAE decodes of ~30 s at 512x512 on 2 cores); generation 2 DDIM steps (paper 50); the ensemble "
                         "100 batches (paper: to early stopping); bare forwards timed at batch <= 4 (per-image cost "
                         "is flat in the batch on a CPU)"),
-    # overrides of "cpu" for --backbone sd3-medium: one size per method (a forward of the 2B MM-DiT over 1024 image
-    # + 333 text tokens takes about a minute on 2 cores); the growth exponents are the UNet runs'
+    # overrides of "cpu" for --backbone sd3-medium: one size per method, 7 minutes on 2 cores (a forward of the 2B
+    # MM-DiT over 1024 image + 333 text tokens: 6-7 s); the growth exponents are the UNet runs'
     "cpu-sd3": dict(feature_images=[1], predict_images=[1], emerdiff_K=[3], gen_images=[1], synth_samples=[1],
                     synth_batch=1, train_steps=2, max_bare_batch=1,
                     reduced="one size per method (features 1 image, EmerDiff K = 3 with num_steps=1, DAAM and "
@@ -782,21 +782,21 @@ def main(argv: list[str] | None = None) -> None:
         bbs.append(describe(gen))
         log(f"built {gen}")
     if only & {"features", "ddpmseg"}:
-        adm = gen or build_adm(device, dtype, a.quick)
+        fbb = gen or build_adm(device, dtype, a.quick)  # the features' backbone
         if gen is None:
-            bbs.append(describe(adm))
-            log(f"built {adm}")
-        m, fm = bench_features(adm, bare, plan)
+            bbs.append(describe(fbb))
+            log(f"built {fbb}")
+        m, fm = bench_features(fbb, bare, plan)
         methods.append(m)
         b = bare._batch(3 * plan["feature_batch"])
-        bare_txt[(adm.name, b)] = f"{adm.name} {1e3 * bare.unet(adm, b):.0f} ms (batch {b})"
+        bare_txt[(fbb.name, b)] = f"{fbb.name} {1e3 * bare.unet(fbb, b):.0f} ms (batch {b})"
         log(f"features done: ratios {[round(p.ratio, 2) for p in m.points]}")
         flush(final=False)
         if "ddpmseg" in only:
-            methods += bench_ddpmseg(fm, adm, plan)
+            methods += bench_ddpmseg(fm, fbb, plan)
             log("ddpmseg done")
             flush(final=False)
-        del adm, fm
+        del fbb, fm
     if only & {"emerdiff", "daam", "grounding", "synthesis"}:
         sd = gen or build_sd(device, dtype, a.quick)
         if gen is None:
